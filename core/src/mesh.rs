@@ -1,0 +1,153 @@
+//! Is this pod a mesh pod, from the plugin's point of view?
+//!
+//! DESIGN.md: its namespace is not excluded, it has the proxy container, it carries the status
+//! annotation, the inject label/annotation is not `"false"`, and the interception mode is
+//! `REDIRECT` (the default). Anything else passes through untouched.
+
+use crate::{MeshProfile, PodInfo};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshDecision {
+    /// Program the redirection.
+    Redirect,
+    /// Leave the pod alone; the reason is for people.
+    PassThrough(String),
+}
+
+impl MeshDecision {
+    pub fn is_redirect(&self) -> bool {
+        matches!(self, MeshDecision::Redirect)
+    }
+}
+
+/// Namespaces the plugin never touches unless configured otherwise.
+pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 3] =
+    ["kube-system", "kube-public", "kube-node-lease"];
+
+/// Decided before any look-up: the agent's own pod and system pods must always start.
+pub fn namespace_excluded(namespace: &str, excluded: &[String]) -> Option<String> {
+    excluded
+        .iter()
+        .any(|n| n == namespace)
+        .then(|| format!("pass-through: namespace {namespace} is excluded (excludeNamespaces)"))
+}
+
+pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) -> MeshDecision {
+    let ns = pod.namespace();
+    if let Some(reason) = namespace_excluded(ns, excluded) {
+        return MeshDecision::PassThrough(reason);
+    }
+    if pod.spec.host_network {
+        return MeshDecision::PassThrough(
+            "pass-through: pod uses hostNetwork, redirection would hit the node".into(),
+        );
+    }
+    if pod.container(profile.proxy_container).is_none() {
+        return MeshDecision::PassThrough(format!(
+            "pass-through: pod has no {} container (not injected)",
+            profile.proxy_container
+        ));
+    }
+    if pod.annotation(profile.status_key).is_none() {
+        return MeshDecision::PassThrough(format!(
+            "pass-through: pod has no {} annotation (not injected by the mesh)",
+            profile.status_key
+        ));
+    }
+    // The label wins over the annotation, as in the webhook's decision.
+    let inject = pod
+        .label(profile.inject_key)
+        .or_else(|| pod.annotation(profile.inject_key));
+    if inject == Some("false") {
+        return MeshDecision::PassThrough(format!(
+            "pass-through: {}=\"false\" on the pod",
+            profile.inject_key
+        ));
+    }
+    match pod.annotation(profile.interception_mode_key) {
+        None | Some("REDIRECT") => MeshDecision::Redirect,
+        Some(other) => MeshDecision::PassThrough(format!(
+            "pass-through: {}={other:?}; podwire only programs REDIRECT",
+            profile.interception_mode_key
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn excluded() -> Vec<String> {
+        DEFAULT_EXCLUDED_NAMESPACES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    fn mesh_pod() -> PodInfo {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop",
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy"}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn mesh_pod_is_redirected() {
+        assert!(mesh_decision(&mesh_pod(), &MeshProfile::istio(), &excluded()).is_redirect());
+    }
+
+    #[test]
+    fn each_missing_condition_passes_through() {
+        let p = MeshProfile::istio();
+        let mut cases: Vec<(PodInfo, &str)> = Vec::new();
+        let mut pod = mesh_pod();
+        pod.metadata.namespace = "kube-system".into();
+        cases.push((pod, "excluded"));
+        let mut pod = mesh_pod();
+        pod.spec.containers.retain(|c| c.name != "istio-proxy");
+        cases.push((pod, "no istio-proxy"));
+        let mut pod = mesh_pod();
+        pod.metadata.annotations.clear();
+        cases.push((pod, "no sidecar.istio.io/status"));
+        let mut pod = mesh_pod();
+        pod.metadata
+            .annotations
+            .insert("sidecar.istio.io/inject".into(), "false".into());
+        cases.push((pod, "\"false\""));
+        let mut pod = mesh_pod();
+        pod.metadata
+            .labels
+            .insert("sidecar.istio.io/inject".into(), "false".into());
+        cases.push((pod, "\"false\""));
+        let mut pod = mesh_pod();
+        pod.metadata
+            .annotations
+            .insert("sidecar.istio.io/interceptionMode".into(), "TPROXY".into());
+        cases.push((pod, "only programs REDIRECT"));
+        let mut pod = mesh_pod();
+        pod.spec.host_network = true;
+        cases.push((pod, "hostNetwork"));
+        for (pod, want) in cases {
+            match mesh_decision(&pod, &p, &excluded()) {
+                MeshDecision::PassThrough(reason) => {
+                    assert!(reason.contains(want), "{reason:?} should mention {want:?}")
+                }
+                MeshDecision::Redirect => panic!("{pod:?} must pass through ({want})"),
+            }
+        }
+    }
+
+    #[test]
+    fn label_true_overrides_annotation_false() {
+        let mut pod = mesh_pod();
+        pod.metadata
+            .labels
+            .insert("sidecar.istio.io/inject".into(), "true".into());
+        pod.metadata
+            .annotations
+            .insert("sidecar.istio.io/inject".into(), "false".into());
+        assert!(mesh_decision(&pod, &MeshProfile::istio(), &excluded()).is_redirect());
+    }
+}

@@ -1,0 +1,130 @@
+//! The slice of a Kubernetes Pod that podwire's decisions read.
+//!
+//! It deserializes straight from a Pod object (JSON or YAML through serde), ignoring every
+//! other field, and is also what the agent sends the plugin, so the cache stays small.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInfo {
+    #[serde(default)]
+    pub metadata: PodMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMeta {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub generate_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub host_network: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_name: String,
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<i64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl PodInfo {
+    /// The namespace, with the API's default when the manifest leaves it out.
+    pub fn namespace(&self) -> &str {
+        if self.metadata.namespace.is_empty() {
+            "default"
+        } else {
+            &self.metadata.namespace
+        }
+    }
+
+    /// `namespace/name` for messages.
+    pub fn display_name(&self) -> String {
+        let name = if self.metadata.name.is_empty() {
+            format!("{}<generated>", self.metadata.generate_name)
+        } else {
+            self.metadata.name.clone()
+        };
+        format!("{}/{}", self.namespace(), name)
+    }
+
+    pub fn container(&self, name: &str) -> Option<&Container> {
+        self.spec.containers.iter().find(|c| c.name == name)
+    }
+
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata.annotations.get(key).map(String::as_str)
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.metadata.labels.get(key).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_full_pod_object_and_ignores_the_rest() {
+        let pod: PodInfo = serde_json::from_str(
+            r#"{"apiVersion":"v1","kind":"Pod",
+                "metadata":{"name":"web-1","namespace":"shop","uid":"u-1",
+                  "labels":{"app":"web"},"annotations":{"a":"b"},"resourceVersion":"9"},
+                "spec":{"nodeName":"n1","containers":[
+                  {"name":"app","image":"x"},
+                  {"name":"istio-proxy","securityContext":{"runAsUser":1337,"runAsGroup":1338}}]},
+                "status":{"phase":"Running"}}"#,
+        )
+        .expect("pod parses");
+        assert_eq!(pod.display_name(), "shop/web-1");
+        assert_eq!(pod.label("app"), Some("web"));
+        let sc = pod
+            .container("istio-proxy")
+            .and_then(|c| c.security_context.clone())
+            .expect("security context");
+        assert_eq!((sc.run_as_user, sc.run_as_group), (Some(1337), Some(1338)));
+    }
+
+    #[test]
+    fn namespace_defaults_to_default() {
+        let pod: PodInfo = serde_json::from_str(r#"{"metadata":{"name":"x"}}"#).expect("parses");
+        assert_eq!(pod.namespace(), "default");
+    }
+}
