@@ -109,25 +109,30 @@ impl SavedTable {
         problems
     }
 
-    /// `iptables-restore --noflush` input removing podwire's chains and the built-in chain
-    /// rules that lead into them or that it adds for excluded interfaces. `None` when there is
-    /// nothing to remove.
-    pub fn removal_input(&self, ours: &[String]) -> Option<String> {
-        let present: Vec<&String> = self.chains.iter().filter(|c| ours.contains(c)).collect();
-        if present.is_empty() {
-            return None;
-        }
-        let mut out = String::from("*nat\n");
+    /// `-D` lines for the built-in chain rules that lead into `ours` or that podwire adds for
+    /// excluded interfaces, using the saved text so the kernel matches them exactly.
+    fn entry_deletions(&self, ours: &[String]) -> String {
+        let mut out = String::new();
         for (rule, text) in &self.rules {
             if ours.contains(&rule.chain) {
                 continue;
             }
             let target = rule.args.iter().skip_while(|a| *a != "-j").nth(1);
-            let jumps_to_ours = target.is_some_and(|t| ours.contains(t));
-            if jumps_to_ours || is_interface_exclusion(rule) {
+            if target.is_some_and(|t| ours.contains(t)) || is_interface_exclusion(rule) {
                 out.push_str(&format!("-D {text}\n"));
             }
         }
+        out
+    }
+
+    /// `iptables-restore --noflush` input removing podwire's chains and entry rules. `None`
+    /// when there is nothing to remove.
+    pub fn removal_input(&self, ours: &[String]) -> Option<String> {
+        let present: Vec<&String> = self.chains.iter().filter(|c| ours.contains(c)).collect();
+        if present.is_empty() {
+            return None;
+        }
+        let mut out = format!("*nat\n{}", self.entry_deletions(ours));
         for c in &present {
             out.push_str(&format!("-F {c}\n"));
         }
@@ -136,6 +141,20 @@ impl SavedTable {
         }
         out.push_str("COMMIT\n");
         Some(out)
+    }
+
+    /// One transaction that replaces whatever podwire rules are present with `want`.
+    pub fn replacement_input(&self, want: &RuleSet) -> String {
+        let mut out = format!("*nat\n{}", self.entry_deletions(&want.chains));
+        for c in &want.chains {
+            let verb = if self.chains.contains(c) { "-F" } else { "-N" };
+            out.push_str(&format!("{verb} {c}\n"));
+        }
+        for r in &want.rules {
+            out.push_str(&format!("-A {} {}\n", r.chain, r.args.join(" ")));
+        }
+        out.push_str("COMMIT\n");
+        out
     }
 }
 

@@ -1,0 +1,36 @@
+//! Entering a pod's network namespace: `setns` on a dedicated thread, so the plugin's main
+//! thread never changes namespace, and a closure that switches back before the thread ends.
+//! Processes spawned from inside the closure (iptables-restore) inherit the pod's netns.
+
+use crate::error::{PluginError, Result};
+use nix::sched::{setns, CloneFlags};
+use std::fs::File;
+use std::path::Path;
+
+/// Run `f` with the calling thread's network namespace set to the one at `path`.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let err = |reason: String| PluginError::Netns {
+        path: path.display().to_string(),
+        reason,
+    };
+    let target =
+        File::open(path).map_err(|e| err(format!("cannot open: {e}; is the pod sandbox gone?")))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let home = File::open("/proc/thread-self/ns/net")
+                .map_err(|e| err(format!("cannot open the current netns: {e}")))?;
+            setns(&target, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                err(format!(
+                    "setns failed: {e}; is it a network namespace, and are we root?"
+                ))
+            })?;
+            let out = f();
+            // The thread ends here anyway; switching back keeps the closure's contract.
+            setns(&home, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| err(format!("cannot switch back: {e}")))?;
+            Ok(out)
+        })
+        .join()
+        .map_err(|_| err("the netns worker thread panicked".into()))?
+    })
+}

@@ -1,0 +1,348 @@
+//! The Unix socket the CNI plugin asks for pods (protocol: [`podwire_core::lookup`]).
+//!
+//! One JSON line in, one JSON line out, then the connection is closed. Every request gets an
+//! answer line, a bad one included (`status: error` says what is wrong), unless the client
+//! goes away first.
+
+use crate::error::Error;
+use crate::pods_dir::{PodStore, Pods};
+use podwire_core::lookup::{
+    self, LookupRequest, LookupResponse, LookupStatus, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+/// How long a client has to send its request line.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections handled at once; each may buffer up to [`MAX_MESSAGE_BYTES`].
+const MAX_CONNECTIONS: usize = 32;
+
+/// The bound socket's file. Dropping it removes the file, unless it has been replaced by
+/// another socket in the meantime (another agent's, which is not ours to remove).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                match fs::remove_file(&self.path) {
+                    Ok(()) => tracing::debug!("removed {}", self.path.display()),
+                    Err(err) => {
+                        tracing::warn!("cannot remove {}: {err}", self.path.display())
+                    }
+                }
+            }
+            Ok(_) => tracing::warn!(
+                "{} was replaced by another file: left in place",
+                self.path.display()
+            ),
+            Err(_) => {} // already gone
+        }
+    }
+}
+
+/// Binds `path`: creates its parent directory (0700) when missing, removes a stale socket left
+/// by an earlier run (never any other kind of file, nor a socket someone still listens on), and
+/// makes the socket 0600.
+pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
+    let socket_error = |action: &'static str| {
+        move |source: io::Error| Error::Socket {
+            path: path.to_owned(),
+            action,
+            source,
+        }
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(socket_error("create its directory"))?;
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path));
+            if let Ok(Ok(_)) = probe.await {
+                return Err(Error::SocketInUse {
+                    path: path.to_owned(),
+                });
+            }
+            fs::remove_file(path).map_err(socket_error("remove the stale socket"))?;
+            tracing::info!("removed a stale socket at {}", path.display());
+        }
+        Ok(_) => {
+            return Err(Error::NotASocket {
+                path: path.to_owned(),
+            })
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(socket_error("inspect the existing file")(err)),
+    }
+    let listener = UnixListener::bind(path).map_err(socket_error("bind"))?;
+    let meta = fs::symlink_metadata(path).map_err(socket_error("inspect"))?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(socket_error("make it private (chmod 0600)"))?;
+    Ok((listener, file))
+}
+
+/// Answers look-ups from `store` until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<PodStore>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => return,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return, // closed: never happens, the semaphore is ours
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // E.g. out of file descriptors: let some connections finish first.
+                    tracing::warn!("accepting a connection: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            handle_connection(stream, &store).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn handle_connection(stream: UnixStream, store: &PodStore) {
+    let (read, mut write) = stream.into_split();
+    let response = match tokio::time::timeout(READ_TIMEOUT, read_request(read)).await {
+        Err(_) => error(format!(
+            "no request line within {}s",
+            READ_TIMEOUT.as_secs()
+        )),
+        Ok(Err(err)) => {
+            tracing::debug!("reading a request: {err}");
+            return;
+        }
+        Ok(Ok(Request::Closed)) => {
+            tracing::debug!("a client closed its connection without asking anything");
+            return;
+        }
+        Ok(Ok(Request::TooLarge)) => {
+            error(format!("request larger than {MAX_MESSAGE_BYTES} bytes"))
+        }
+        Ok(Ok(Request::Line(line))) => answer(&line, &store.snapshot()),
+    };
+    if let LookupStatus::Error { message } = &response.status {
+        tracing::warn!("refused a look-up request: {message}");
+    }
+    let mut line = serde_json::to_vec(&response).unwrap_or_else(|err| {
+        tracing::error!("encoding a look-up answer: {err}");
+        br#"{"v":1,"status":"error","message":"the agent could not encode its answer"}"#.to_vec()
+    });
+    line.push(b'\n');
+    let sent = tokio::time::timeout(WRITE_TIMEOUT, async {
+        write.write_all(&line).await?;
+        write.shutdown().await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!("sending a look-up answer: {err}"),
+        Err(_) => tracing::debug!("sending a look-up answer: timed out"),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Request {
+    Line(Vec<u8>),
+    TooLarge,
+    Closed,
+}
+
+/// Reads one line (without its end) of at most [`MAX_MESSAGE_BYTES`]; a client that closes
+/// its side after the request instead of ending the line is understood too.
+async fn read_request(read: impl AsyncRead + Unpin) -> io::Result<Request> {
+    let limit = MAX_MESSAGE_BYTES as u64 + 1; // the request plus its newline
+    let mut reader = BufReader::new(read.take(limit));
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line).await?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        Ok(Request::Line(line))
+    } else if line.len() > MAX_MESSAGE_BYTES {
+        Ok(Request::TooLarge)
+    } else if line.is_empty() {
+        Ok(Request::Closed)
+    } else {
+        Ok(Request::Line(line))
+    }
+}
+
+fn error(message: String) -> LookupResponse {
+    LookupResponse::new(LookupStatus::Error { message })
+}
+
+/// The answer to one request line.
+fn answer(line: &[u8], pods: &Pods) -> LookupResponse {
+    let value: serde_json::Value = match serde_json::from_slice(line) {
+        Ok(value) => value,
+        Err(err) => return error(format!("malformed request: not JSON: {err}")),
+    };
+    if !value.is_object() {
+        return error("malformed request: not a JSON object".to_owned());
+    }
+    match value.get("v") {
+        None => return error("malformed request: no protocol version `v`".to_owned()),
+        Some(v) if v.as_u64() != Some(u64::from(PROTOCOL_VERSION)) => {
+            return error(format!(
+                "unsupported protocol version {v}: this agent speaks version {PROTOCOL_VERSION}"
+            ))
+        }
+        Some(_) => {}
+    }
+    let mut request: LookupRequest = match serde_json::from_value(value) {
+        Ok(request) => request,
+        Err(err) => return error(format!("malformed request: {err}")),
+    };
+    if request.name.is_empty() {
+        return error("malformed request: empty pod name".to_owned());
+    }
+    // As for a manifest, no namespace means `default` (the plugin under podman knows no other).
+    if request.namespace.is_empty() {
+        request.namespace = "default".to_owned();
+    }
+    let (status, outcome) = match pods.get(&request.namespace, &request.name) {
+        Some(pod) if lookup::matches(pod, &request) => (
+            LookupStatus::Found {
+                pod: Box::new(pod.clone()),
+            },
+            "found",
+        ),
+        Some(_) => (LookupStatus::NotFound, "not found (another UID)"),
+        None => (LookupStatus::NotFound, "not found"),
+    };
+    tracing::debug!(
+        "look-up {}/{}{}: {outcome}",
+        request.namespace,
+        request.name,
+        if request.uid.is_empty() {
+            String::new()
+        } else {
+            format!(" uid {}", request.uid)
+        }
+    );
+    LookupResponse::new(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podwire_core::PodInfo;
+
+    fn pods() -> Pods {
+        let mut pods = Pods::default();
+        let mut pod = PodInfo::default();
+        pod.metadata.name = "web".into();
+        pod.metadata.uid = "u-1".into();
+        pods.insert(pod.clone());
+        pod.metadata.namespace = "shop".into();
+        pod.metadata.uid.clear();
+        pods.insert(pod);
+        pods
+    }
+
+    fn status(line: &str) -> LookupStatus {
+        answer(line.as_bytes(), &pods()).status
+    }
+
+    fn error_message(line: &str) -> String {
+        match status(line) {
+            LookupStatus::Error { message } => message,
+            other => panic!("expected an error for {line}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn found_and_not_found() {
+        let found = |line| matches!(status(line), LookupStatus::Found { .. });
+        assert!(found(r#"{"v":1,"namespace":"default","name":"web"}"#));
+        assert!(found(r#"{"v":1,"namespace":"","name":"web","uid":"u-1"}"#));
+        assert!(found(
+            r#"{"v":1,"namespace":"shop","name":"web","uid":"any"}"#
+        ));
+        assert!(!found(
+            r#"{"v":1,"namespace":"default","name":"web","uid":"u-2"}"#
+        ));
+        assert!(!found(r#"{"v":1,"namespace":"shop","name":"api"}"#));
+        assert_eq!(
+            status(r#"{"v":1,"namespace":"other","name":"web"}"#),
+            LookupStatus::NotFound
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_answered_with_errors() {
+        assert!(error_message("garbage").contains("not JSON"));
+        assert!(error_message("[1]").contains("not a JSON object"));
+        assert!(error_message(r#"{"namespace":"a","name":"b"}"#).contains("version"));
+        assert!(error_message(r#"{"v":2,"namespace":"a","name":"b"}"#)
+            .contains("unsupported protocol version 2"));
+        assert!(error_message(r#"{"v":"1","namespace":"a","name":"b"}"#).contains("version"));
+        assert!(error_message(r#"{"v":1,"namespace":"a"}"#).contains("malformed"));
+        assert!(error_message(r#"{"v":1,"namespace":"a","name":""}"#).contains("empty"));
+    }
+
+    #[tokio::test]
+    async fn request_lines() {
+        let read = |bytes: &'static [u8]| read_request(bytes);
+        assert_eq!(
+            read(b"{}\n").await.ok(),
+            Some(Request::Line(b"{}".to_vec()))
+        );
+        assert_eq!(
+            read(b"{}\r\nmore").await.ok(),
+            Some(Request::Line(b"{}".to_vec()))
+        );
+        assert_eq!(read(b"{}").await.ok(), Some(Request::Line(b"{}".to_vec())));
+        assert_eq!(read(b"").await.ok(), Some(Request::Closed));
+        let mut big = vec![b'x'; MAX_MESSAGE_BYTES];
+        big.push(b'\n');
+        let got = read_request(&big[..]).await.ok();
+        assert!(matches!(got, Some(Request::Line(l)) if l.len() == MAX_MESSAGE_BYTES));
+        big.insert(0, b'x');
+        assert_eq!(read_request(&big[..]).await.ok(), Some(Request::TooLarge));
+    }
+}

@@ -1,0 +1,85 @@
+//! `podwire-agent`: the podwire node agent.
+#![forbid(unsafe_code)]
+
+mod error;
+mod lookup_server;
+mod pods_dir;
+mod serve;
+mod watcher;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// podwire node agent: answers the podwire CNI plugin's pod look-ups on a Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "podwire-agent", version, propagate_version = true)]
+struct Cli {
+    /// How much to log (to stderr)
+    #[arg(long, value_enum, global = true, default_value_t = LogLevel::Info, value_name = "LEVEL")]
+    log_level: LogLevel,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Serve(serve::ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for tracing::Level {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_max_level(tracing::Level::from(cli.log_level))
+        .with_target(false)
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    // The node has few cores and the work is small: one thread, plus at most two for the
+    // blocking directory reads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(2)
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = match command {
+        Command::Serve(args) => runtime.block_on(serve::run(args)).context("serve"),
+    };
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}

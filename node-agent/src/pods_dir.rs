@@ -1,0 +1,470 @@
+//! The `serve` pod source: Pod manifests read from one directory.
+//!
+//! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read (hidden files,
+//! i.e. editor and lock files starting with `.`, are not). A YAML file may hold several
+//! documents separated by `---`; a JSON file may hold several JSON values one after the other.
+//! Documents of `kind: Pod` are kept, `kind: List` / `PodList` are looked into, anything else
+//! (Deployments, Services, ...) is ignored. A document that cannot be used is reported and
+//! skipped: it never hides the other documents of its file, nor the other files.
+
+use crate::error::Error;
+use podwire_core::PodInfo;
+use serde_yaml_ng::Value;
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// Manifest files larger than this are skipped (a Pod manifest is a few KiB).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// Pods keyed by namespace then name.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Pods {
+    by_namespace: HashMap<String, HashMap<String, PodInfo>>,
+    len: usize,
+}
+
+impl Pods {
+    /// The pod `namespace/name`, if present (`namespace` as [`PodInfo::namespace`] gives it).
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.by_namespace.get(namespace)?.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds `pod` under (`pod.namespace()`, `metadata.name`); returns the pod it replaced.
+    pub fn insert(&mut self, pod: PodInfo) -> Option<PodInfo> {
+        let previous = self
+            .by_namespace
+            .entry(pod.namespace().to_owned())
+            .or_default()
+            .insert(pod.metadata.name.clone(), pod);
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+}
+
+/// The current pod set, replaced whole on every reload; readers take a cheap snapshot.
+#[derive(Debug, Default)]
+pub struct PodStore {
+    current: RwLock<Arc<Pods>>,
+}
+
+impl PodStore {
+    pub fn snapshot(&self) -> Arc<Pods> {
+        // A poisoned lock still holds a complete `Arc`: the swap below cannot leave it half-done.
+        match self.current.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn replace(&self, pods: Pods) {
+        let pods = Arc::new(pods);
+        match self.current.write() {
+            Ok(mut guard) => *guard = pods,
+            Err(poisoned) => *poisoned.into_inner() = pods,
+        }
+    }
+}
+
+/// Reads every manifest in `dir`. Only a directory that cannot be listed is an error; problems
+/// with single files or documents are logged (with the file name) and skipped.
+pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
+    let entries = fs::read_dir(dir).map_err(|source| Error::PodsDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                if is_manifest_name(&path) {
+                    files.push(path);
+                }
+            }
+            Err(source) => tracing::warn!(
+                "{}",
+                Error::PodsDir {
+                    path: dir.to_owned(),
+                    source
+                }
+            ),
+        }
+    }
+    // Sorted, so that when two files define the same pod the outcome does not depend on
+    // the directory's order.
+    files.sort();
+
+    let mut pods = Pods::default();
+    for path in files {
+        let text = match read_manifest(&path) {
+            Ok(Some(text)) => text,
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::warn!("{err}");
+                continue;
+            }
+        };
+        let (found, problems) = parse_manifest(&path, &text);
+        for problem in problems {
+            tracing::warn!("{problem}");
+        }
+        for pod in found {
+            let name = pod.display_name();
+            if pods.insert(pod).is_some() {
+                tracing::warn!(
+                    "pod {name} is defined again in {}: the later definition wins",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(pods)
+}
+
+/// `*.yaml`, `*.yml` or `*.json`, and not hidden.
+fn is_manifest_name(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map_or(true, |n| n.starts_with('.'));
+    let extension = path.extension().and_then(|e| e.to_str());
+    !hidden && extension.is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+fn is_json(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// The file's text; `None` when the name does not point to a regular file (e.g. a directory).
+fn read_manifest(path: &Path) -> Result<Option<String>, Error> {
+    let read_error = |source| Error::ReadFile {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        // Removed between the listing and now: it simply is not there any more.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(read_error(err)),
+    };
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(read_error(err)),
+    };
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::FileTooLarge {
+            path: path.to_owned(),
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    Ok(Some(text))
+}
+
+/// The pods in one manifest file's text, and the problems met on the way. `path` is used for
+/// messages and, by its extension, to choose JSON or YAML.
+pub fn parse_manifest(path: &Path, text: &str) -> (Vec<PodInfo>, Vec<Error>) {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut pods = Vec::new();
+    let mut problems = Vec::new();
+    let mut report = |index: usize, line: usize, message: String| {
+        problems.push(Error::Document {
+            path: path.to_owned(),
+            index,
+            line,
+            message,
+        });
+    };
+
+    if is_json(path) {
+        let mut stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+        let (mut index, mut line, mut counted) = (0, 1, 0);
+        loop {
+            // The line where the next value starts, counted on from the previous one.
+            let rest = &text[stream.byte_offset()..];
+            let start = text.len() - rest.trim_start().len();
+            line += text[counted..start].matches('\n').count();
+            counted = start;
+            let next = stream.next();
+            index += 1;
+            match next {
+                None => break,
+                Some(Ok(json)) => match serde_yaml_ng::to_value(json) {
+                    Ok(value) => {
+                        for message in collect_pods(value, &mut pods) {
+                            report(index, line, message);
+                        }
+                    }
+                    Err(err) => report(index, line, err.to_string()),
+                },
+                Some(Err(err)) => {
+                    // A JSON stream cannot be resynchronised after a syntax error.
+                    report(
+                        index,
+                        line,
+                        format!("{err} (the rest of the file is skipped)"),
+                    );
+                    break;
+                }
+            }
+        }
+    } else {
+        for (index, (line, document)) in yaml_documents(text).into_iter().enumerate() {
+            match serde_yaml_ng::from_str::<Value>(&document) {
+                Ok(value) => {
+                    for message in collect_pods(value, &mut pods) {
+                        report(index + 1, line, message);
+                    }
+                }
+                Err(err) => report(index + 1, line, err.to_string()),
+            }
+        }
+    }
+    (pods, problems)
+}
+
+/// Splits a YAML stream into its non-empty documents: (1-based first line, text). Each text is
+/// preceded by as many empty lines as the document is deep in the file, so that the parser's
+/// error positions are the file's. A line starting with `---` followed by a blank or the end of
+/// the line always starts a document (YAML forbids it inside a document's content), so a
+/// syntax error in one document cannot swallow the next ones.
+fn yaml_documents(text: &str) -> Vec<(usize, String)> {
+    fn is_start(line: &str) -> bool {
+        line.strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+    }
+    fn is_blank(document: &str) -> bool {
+        document.lines().all(|line| {
+            let rest = if is_start(line) {
+                &line[3..]
+            } else if line.trim_end() == "..." {
+                ""
+            } else {
+                line
+            };
+            let rest = rest.trim();
+            rest.is_empty() || rest.starts_with('#')
+        })
+    }
+
+    let mut documents = Vec::new();
+    let mut current = String::new();
+    let mut first_line = 1;
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        let number = number + 1;
+        if is_start(line) && number > 1 {
+            if !is_blank(&current) {
+                documents.push((first_line, std::mem::take(&mut current)));
+            }
+            current = "\n".repeat(number - 1);
+            first_line = number;
+        }
+        current.push_str(line);
+    }
+    if !is_blank(&current) {
+        documents.push((first_line, current));
+    }
+    documents
+}
+
+/// Adds the pods `value` holds to `pods`; returns what is wrong with it (nothing for a document
+/// of another kind, which is simply not a pod).
+fn collect_pods(value: Value, pods: &mut Vec<PodInfo>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let kind = value.get("kind").map(|k| k.as_str().map(str::to_owned));
+    match kind.as_ref().map(|k| k.as_deref()) {
+        Some(Some("Pod")) => match pod_from(value) {
+            Ok(pod) => pods.push(pod),
+            Err(message) => problems.push(message),
+        },
+        Some(Some(kind @ ("List" | "PodList"))) => {
+            let implied_pod = kind == "PodList";
+            let Value::Mapping(mut map) = value else {
+                return problems;
+            };
+            let items = match map.remove("items") {
+                Some(Value::Sequence(items)) => items,
+                None | Some(Value::Null) => Vec::new(),
+                Some(_) => {
+                    problems.push(format!("{kind}: `items` is not a list"));
+                    return problems;
+                }
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                let kind = item.get("kind").and_then(Value::as_str);
+                if kind == Some("Pod") || (kind.is_none() && implied_pod) {
+                    match pod_from(item) {
+                        Ok(pod) => pods.push(pod),
+                        Err(message) => problems.push(format!("items[{i}]: {message}")),
+                    }
+                } else {
+                    tracing::debug!("ignoring items[{i}] of kind {}", kind.unwrap_or("<none>"));
+                }
+            }
+        }
+        Some(Some(kind)) => tracing::debug!("ignoring a document of kind {kind}"),
+        Some(None) => problems.push("`kind` is not a string".to_owned()),
+        None if matches!(value, Value::Null) => {}
+        None => problems.push("not a Kubernetes object (no `kind`): ignored".to_owned()),
+    }
+    problems
+}
+
+fn pod_from(value: Value) -> Result<PodInfo, String> {
+    let pod: PodInfo = serde_yaml_ng::from_value(value).map_err(|err| format!("Pod: {err}"))?;
+    if pod.metadata.name.is_empty() {
+        return Err(format!(
+            "Pod {} has no metadata.name, so it cannot be looked up",
+            pod.display_name()
+        ));
+    }
+    Ok(pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(name: &str, text: &str) -> (Vec<PodInfo>, Vec<Error>) {
+        parse_manifest(Path::new(name), text)
+    }
+
+    fn names(pods: &[PodInfo]) -> Vec<String> {
+        pods.iter().map(PodInfo::display_name).collect()
+    }
+
+    #[test]
+    fn multi_document_yaml_keeps_only_pods() {
+        let (pods, problems) = parse(
+            "m.yaml",
+            "# leading comment\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop}\n\
+             ---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n\
+             --- # a comment after the marker\nkind: Pod\nmetadata:\n  name: b\n...\n---\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(names(&pods), ["shop/a", "default/b"]);
+    }
+
+    #[test]
+    fn a_broken_document_does_not_hide_the_next() {
+        let (pods, problems) = parse(
+            "m.yml",
+            "kind: Pod\nmetadata: {name: a}\n---\nkind: Pod\nmetadata: [unclosed\n---\n\
+             kind: Pod\nmetadata: {name: c, annotations: [not, a, map]}\n---\n\
+             kind: Pod\nmetadata: {name: d}\n",
+        );
+        assert_eq!(names(&pods), ["default/a", "default/d"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        let first = problems[0].to_string();
+        assert!(first.contains("m.yml document 2 (from line 3)"), "{first}");
+        // The parser's own position is the file's line, not the document's.
+        assert!(
+            first.contains("line 6") || first.contains("line 5"),
+            "{first}"
+        );
+        assert!(problems[1].to_string().contains("document 3"));
+    }
+
+    #[test]
+    fn block_scalars_and_marker_lookalikes_stay_in_their_document() {
+        let (pods, problems) = parse(
+            "m.yaml",
+            "kind: Pod\nmetadata:\n  name: a\n  annotations:\n    note: |\n      ---x\n      --- indented\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            pods[0].annotation("note"),
+            Some("---x\n--- indented\n"),
+            "{pods:?}"
+        );
+    }
+
+    #[test]
+    fn json_stream_and_lists() {
+        let (pods, problems) = parse(
+            "p.json",
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","namespace":"x","uid":"u"}}
+               {"kind":"PodList","items":[{"metadata":{"name":"b"}}]}
+               {"kind":"List","items":[{"kind":"Service","metadata":{"name":"s"}},
+                                       {"kind":"Pod","metadata":{"name":"c"}}]}"#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(names(&pods), ["x/a", "default/b", "default/c"]);
+    }
+
+    #[test]
+    fn broken_json_keeps_what_came_before() {
+        let (pods, problems) = parse(
+            "p.json",
+            "{\"kind\":\"Pod\",\"metadata\":{\"name\":\"a\"}}\n{\"kind\": nope}\n",
+        );
+        assert_eq!(names(&pods), ["default/a"]);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0]
+            .to_string()
+            .contains("p.json document 2 (from line 2)"));
+    }
+
+    #[test]
+    fn unnamed_and_kindless_documents_are_reported() {
+        let (pods, problems) = parse(
+            "m.yaml",
+            "kind: Pod\nmetadata: {generateName: web-}\n---\nmetadata: {name: x}\n---\njust text\n",
+        );
+        assert!(pods.is_empty());
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].to_string().contains("no metadata.name"));
+    }
+
+    #[test]
+    fn pods_are_keyed_by_namespace_and_name() {
+        let mut pods = Pods::default();
+        let mut pod = PodInfo::default();
+        pod.metadata.name = "a".into();
+        assert!(pods.insert(pod.clone()).is_none());
+        assert!(pods.insert(pod.clone()).is_some());
+        pod.metadata.namespace = "other".into();
+        assert!(pods.insert(pod).is_none());
+        assert_eq!(pods.len(), 2);
+        assert!(pods.get("default", "a").is_some());
+        assert!(pods.get("other", "a").is_some());
+        assert!(pods.get("", "a").is_none());
+        assert!(!pods.is_empty());
+    }
+
+    #[test]
+    fn manifest_names() {
+        assert!(is_manifest_name(Path::new("/d/a.yaml")));
+        assert!(is_manifest_name(Path::new("/d/a.YML")));
+        assert!(is_manifest_name(Path::new("/d/a.json")));
+        assert!(!is_manifest_name(Path::new("/d/a.yaml~")));
+        assert!(!is_manifest_name(Path::new("/d/.#a.yaml")));
+        assert!(!is_manifest_name(Path::new("/d/a.txt")));
+        assert!(!is_manifest_name(Path::new("/d/yaml")));
+    }
+}

@@ -1,0 +1,140 @@
+//! Re-reading the pods directory when it changes.
+//!
+//! The platform's watcher (inotify on Linux) reports changes in the directory; after a short
+//! quiet period the whole directory is read again and the pod set swapped in one step, so a
+//! look-up sees either the old set or the new one, never a mix.
+
+use crate::error::Error;
+use crate::pods_dir::{self, PodStore};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How long the directory must stay quiet before it is read again.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A directory that never stays quiet is still read again this often.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// A watch on the pods directory. Changes are queued from the moment it is created, so a
+/// change made while the first load runs is not lost; [`DirWatch::spawn_reloads`] acts on them.
+#[derive(Debug)]
+pub struct DirWatch {
+    dir: PathBuf,
+    watcher: RecommendedWatcher,
+    changes: mpsc::UnboundedReceiver<()>,
+}
+
+/// Keeps the watch alive; dropping it stops the watching (the reload task then ends).
+#[derive(Debug)]
+pub struct WatchGuard {
+    _watcher: RecommendedWatcher,
+}
+
+impl DirWatch {
+    pub fn start(dir: &Path) -> Result<Self, Error> {
+        let (tx, changes) = mpsc::unbounded_channel();
+        let watch_error = |source| Error::Watch {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let reload = match event {
+                    Ok(event) => triggers_reload(&event.kind),
+                    Err(err) => {
+                        // E.g. the kernel's event queue overflowed: read everything again.
+                        tracing::warn!("watching the pods directory: {err}");
+                        true
+                    }
+                };
+                if reload {
+                    // Fails only once the reload task is gone, i.e. while shutting down.
+                    let _ = tx.send(());
+                }
+            })
+            .map_err(watch_error)?;
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(watch_error)?;
+        Ok(DirWatch {
+            dir: dir.to_owned(),
+            watcher,
+            changes,
+        })
+    }
+
+    /// Spawns the task that reloads `store` after each burst of changes.
+    pub fn spawn_reloads(self, store: Arc<PodStore>) -> WatchGuard {
+        tokio::spawn(reload_loop(self.dir, store, self.changes));
+        WatchGuard {
+            _watcher: self.watcher,
+        }
+    }
+}
+
+/// Opening and reading a file is no change (and the reload itself opens every file);
+/// a file closed after writing is.
+fn triggers_reload(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+async fn reload_loop(dir: PathBuf, store: Arc<PodStore>, mut changes: mpsc::UnboundedReceiver<()>) {
+    while changes.recv().await.is_some() {
+        let first = Instant::now();
+        loop {
+            let deadline = (Instant::now() + DEBOUNCE).min(first + MAX_DELAY);
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Some(())) if Instant::now() < first + MAX_DELAY => continue,
+                Ok(Some(())) | Err(_) => break,
+                Ok(None) => return,
+            }
+        }
+        reload(&dir, &store).await;
+    }
+}
+
+async fn reload(dir: &Path, store: &PodStore) {
+    let path = dir.to_owned();
+    match tokio::task::spawn_blocking(move || pods_dir::load_dir(&path)).await {
+        Ok(Ok(pods)) => {
+            tracing::info!("reloaded {} pods from {}", pods.len(), dir.display());
+            store.replace(pods);
+        }
+        Ok(Err(err)) => tracing::error!(
+            "{err}; still serving the previous {} pods",
+            store.snapshot().len()
+        ),
+        Err(err) => tracing::error!("reloading {} failed: {err}", dir.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind, RemoveKind};
+
+    #[test]
+    fn reads_are_not_changes() {
+        assert!(!triggers_reload(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!triggers_reload(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(triggers_reload(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(triggers_reload(&EventKind::Create(CreateKind::File)));
+        assert!(triggers_reload(&EventKind::Modify(ModifyKind::Any)));
+        assert!(triggers_reload(&EventKind::Remove(RemoveKind::File)));
+        assert!(triggers_reload(&EventKind::Other));
+    }
+}
