@@ -139,12 +139,12 @@ pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
 
 /// `*.yaml`, `*.yml` or `*.json`, and not hidden.
 fn is_manifest_name(path: &Path) -> bool {
-    let hidden = path
+    let visible = path
         .file_name()
         .and_then(|n| n.to_str())
-        .map_or(true, |n| n.starts_with('.'));
+        .is_some_and(|n| !n.starts_with('.'));
     let extension = path.extension().and_then(|e| e.to_str());
-    !hidden && extension.is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    visible && extension.is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 fn is_json(path: &Path) -> bool {

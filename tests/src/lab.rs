@@ -162,7 +162,13 @@ impl Lab {
     pub fn publish(&self, file: &str, pods: &[Value]) -> Result<()> {
         let text: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
         let tmp = self.dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text.join("\n---\n"))?;
+        // JSON files hold values one after another; YAML files documents split by `---`.
+        let sep = if file.ends_with(".json") {
+            "\n"
+        } else {
+            "\n---\n"
+        };
+        std::fs::write(&tmp, text.join(sep))?;
         std::fs::rename(&tmp, self.dir.join("pods").join(file))?;
         let Some(last) = pods.last() else {
             return Ok(());
