@@ -71,8 +71,6 @@ pub fn detect(configured: Backend) -> Concrete {
 /// The restore/save commands for one backend and family.
 #[derive(Debug, Clone)]
 pub struct Tools {
-    pub backend: Concrete,
-    pub family: Family,
     restore: PathBuf,
     save: PathBuf,
     lockfile: PathBuf,
@@ -95,8 +93,6 @@ impl Tools {
             })
         };
         Ok(Tools {
-            backend,
-            family,
             restore: get("restore")?,
             save: get("save")?,
             lockfile: lockfile.to_path_buf(),

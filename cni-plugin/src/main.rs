@@ -8,6 +8,7 @@ mod config;
 mod env;
 mod error;
 mod iptables;
+mod kube;
 mod logging;
 mod lookup;
 mod netns;

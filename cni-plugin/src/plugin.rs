@@ -76,7 +76,15 @@ fn resolve(conf: &NetConf, pod_ref: &PodRef) -> Result<Option<PodInfo>> {
         info!(pod = %pod_ref.display(), "{reason}");
         return Ok(None);
     }
-    let pod = match ask_agent(&conf.agent_socket, pod_ref) {
+    let answer =
+        ask_agent(&conf.agent_socket, pod_ref).or_else(|agent_err| match &conf.kubeconfig {
+            // The agent is down or not synced: ask the API server directly.
+            Some(kc) => crate::kube::get_pod(kc, pod_ref).map_err(|kube_err| {
+                format!("{agent_err}; and the kubeconfig fallback failed: {kube_err}")
+            }),
+            None => Err(agent_err),
+        });
+    let pod = match answer {
         Ok(Lookup::Found(pod)) => pod,
         Ok(Lookup::NotFound) => {
             info!(pod = %pod_ref.display(), "pass-through: the pod source does not know this pod (not a mesh pod)");

@@ -187,9 +187,9 @@ impl Lab {
         Ok(())
     }
 
-    pub fn attachment<'a>(
+    pub fn attachment(
         &self,
-        pod_ns: &'a Netns,
+        pod_ns: &Netns,
         namespace: &str,
         name: &str,
     ) -> (String, PathBuf, String) {

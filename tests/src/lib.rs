@@ -5,10 +5,12 @@
 //! namespaces the lab creates; nothing is sent anywhere else.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod bins;
 pub mod chain;
 pub mod lab;
 pub mod netns;
+pub mod podman;
 pub mod probe;
 
 pub use chain::{Chain, CniOutcome};

@@ -1,0 +1,232 @@
+//! `podwire demo`: the main job end to end on one machine, told in words a person reads.
+
+use anyhow::{bail, Context, Result};
+use podwire_lab::lab::{pod_manifest, Lab, Pod, APP_PORT, NODE_V4, NODE_V6};
+use podwire_lab::probe::{self, connect, Seen};
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Also give the pods IPv6 addresses (2001:2::/64) and check IPv6 redirection.
+    #[arg(long)]
+    ipv6: bool,
+    /// Print the mesh pod's nat table as podwire-cni left it.
+    #[arg(long)]
+    show_rules: bool,
+}
+
+struct Check {
+    ok: bool,
+    line: String,
+}
+
+fn expect(
+    what: &str,
+    seen: Result<Seen>,
+    want_label: &str,
+    want_orig: Option<&str>,
+    meaning: &str,
+) -> Check {
+    match seen {
+        Ok(s) => {
+            let ok = s.label == want_label && want_orig.is_none_or(|o| s.orig == o);
+            let who = match s.label.as_str() {
+                "PROXY-OUT" => "the proxy's outbound port 15001".to_string(),
+                "PROXY-IN" => "the proxy's inbound port 15006".to_string(),
+                "NODE" => "the node's server directly".to_string(),
+                "APP" => "the app directly".to_string(),
+                other => other.to_string(),
+            };
+            let orig = if s.orig == "-" {
+                String::new()
+            } else {
+                format!(", original destination {}", s.orig)
+            };
+            Check {
+                ok,
+                line: format!(
+                    "{} {what:<34} reached {who}{orig}  ({meaning})",
+                    if ok { "✔" } else { "✘" }
+                ),
+            }
+        }
+        Err(e) => Check {
+            ok: false,
+            line: format!("✘ {what:<34} failed: {e:#}"),
+        },
+    }
+}
+
+pub fn run(args: &Args) -> Result<bool> {
+    if !nix_is_root() {
+        bail!("podwire demo creates network namespaces and iptables rules: run it as root (sudo)");
+    }
+    println!(
+        "podwire demo: real network namespaces, Debian's CNI plugins, podwire-cni, real TCP\n"
+    );
+    let lab = Lab::new(args.ipv6, json!({})).context("setting up the demo node")?;
+    println!(
+        "node      namespace {} (bridge pwbr0, {NODE_V4}{}; a server on :{APP_PORT})",
+        lab.node.name,
+        if args.ipv6 {
+            format!(" and {NODE_V6}")
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "agent     podwire-agent serve --pods-dir {}",
+        lab.dir.join("pods").display()
+    );
+    let chain: Vec<String> = lab.chain.conflist["plugins"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    let ty = p["type"].as_str()?;
+                    Some(match p["ipam"]["type"].as_str() {
+                        Some(ipam) => format!("{ty} ({ipam} IPAM)"),
+                        None => ty.to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("chain     {}", chain.join(" → "));
+
+    lab.publish(
+        "demo.yaml",
+        &[
+            pod_manifest("shop", "web", true, &[]),
+            pod_manifest("shop", "plain", false, &[]),
+        ],
+    )?;
+    let mesh = lab
+        .start_pod("shop", "web")
+        .context("starting the mesh pod")?;
+    let plain = lab
+        .start_pod("shop", "plain")
+        .context("starting the plain pod")?;
+    for (pod, what) in [
+        (
+            &mesh,
+            "mesh pod: istio-proxy container + sidecar.istio.io/status",
+        ),
+        (&plain, "plain pod: no sidecar"),
+    ] {
+        println!(
+            "pod       {}/{:<6} {:<15} {what}",
+            pod.namespace, pod.name, pod.ip4
+        );
+    }
+    // Both pods run the same stand-in proxy; only the mesh pod's traffic should reach it.
+    probe::start_proxy(&mesh.netns, args.ipv6)?;
+    probe::start_proxy(&plain.netns, args.ipv6)?;
+
+    let rules = mesh.netns.nat_rules("iptables-save")?;
+    let count = rules.lines().filter(|l| l.starts_with("-A ")).count();
+    println!("\nshop/web's netns now holds {count} nat rules in ISTIO_INBOUND/ISTIO_OUTPUT/ISTIO_REDIRECT/ISTIO_IN_REDIRECT;");
+    println!(
+        "shop/plain's holds {}.",
+        if plain.netns.nat_rules("iptables-save")?.contains("ISTIO_") {
+            "some too (WRONG)"
+        } else {
+            "none"
+        }
+    );
+    if args.show_rules {
+        println!("\n{rules}");
+    }
+
+    println!("\ntraffic:");
+    let checks = traffic(&lab, &mesh, &plain, args.ipv6);
+    for c in &checks {
+        println!("  {}", c.line);
+    }
+    let ok = checks.iter().all(|c| c.ok);
+
+    println!("\ncleaning up: DEL through the chain, then the namespaces and the agent go away");
+    for pod in [&mesh, &plain] {
+        for (plugin, out) in lab.run("DEL", pod)? {
+            if !out.ok {
+                println!("  DEL failed in {plugin}: {}", out.stdout.trim());
+            }
+        }
+    }
+    println!(
+        "\n{}",
+        if ok {
+            "PASS: the mesh pod's traffic was redirected to its proxy, the plain pod's was not."
+        } else {
+            "FAIL: see the ✘ lines above."
+        }
+    );
+    Ok(ok)
+}
+
+fn traffic(lab: &Lab, mesh: &Pod, plain: &Pod, ipv6: bool) -> Vec<Check> {
+    let node = format!("{NODE_V4}:{APP_PORT}");
+    let mesh_in = format!("{}:{APP_PORT}", mesh.ip4);
+    let mut checks = vec![
+        expect(
+            &format!("shop/web   → {node}"),
+            connect(&mesh.netns, &node),
+            "PROXY-OUT",
+            Some(&node),
+            "outbound redirected",
+        ),
+        expect(
+            &format!("node       → shop/web:{APP_PORT}"),
+            connect(&lab.node, &mesh_in),
+            "PROXY-IN",
+            Some(&mesh_in),
+            "inbound redirected",
+        ),
+        expect(
+            &format!("shop/plain → {node}"),
+            connect(&plain.netns, &node),
+            "NODE",
+            None,
+            "not redirected",
+        ),
+        expect(
+            &format!("node       → shop/plain:{APP_PORT}"),
+            connect(&lab.node, &format!("{}:{APP_PORT}", plain.ip4)),
+            "APP",
+            None,
+            "not redirected",
+        ),
+    ];
+    if ipv6 {
+        let node6 = format!("[{NODE_V6}]:{APP_PORT}");
+        checks.push(expect(
+            &format!("shop/web   → {node6}"),
+            connect(&mesh.netns, &node6),
+            "PROXY-OUT",
+            Some(&node6),
+            "IPv6 outbound redirected",
+        ));
+        if let Some(ip6) = &mesh.ip6 {
+            let t = format!("[{ip6}]:{APP_PORT}");
+            checks.push(expect(
+                "node       → shop/web (IPv6)",
+                connect(&lab.node, &t),
+                "PROXY-IN",
+                Some(&t),
+                "IPv6 inbound redirected",
+            ));
+        }
+    }
+    checks
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
