@@ -6,6 +6,7 @@
 
 pub mod cni;
 pub mod error;
+pub mod inject;
 pub mod lookup;
 pub mod mesh;
 pub mod pod;

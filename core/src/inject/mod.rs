@@ -1,0 +1,1 @@
+//! The injection decision and mutation (webhook side). See DESIGN.md "The decision".
