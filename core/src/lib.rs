@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cni;
+pub mod conflist;
 pub mod error;
 pub mod inject;
 pub mod lookup;

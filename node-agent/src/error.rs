@@ -50,6 +50,10 @@ pub enum Error {
     #[error("another process is already serving on {}", path.display())]
     SocketInUse { path: PathBuf },
 
+    /// Installing or uninstalling the plugin failed on this file.
+    #[error("{}: {message}", path.display())]
+    Install { path: PathBuf, message: String },
+
     #[error("cannot install the {signal} handler: {source}")]
     Signal {
         signal: &'static str,

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod install;
 mod lookup_server;
 mod pods_dir;
 mod serve;
@@ -28,6 +29,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Serve(serve::ServeArgs),
+    /// Install podwire-cni into the CNI bin dir and chain it into the primary CNI config
+    /// (the lexically first valid .conf/.conflist, as kubelet picks it); waits for one if
+    /// there is none yet. With --watch, keep it chained and undo it on SIGTERM/SIGINT.
+    Install(install::InstallCmd),
+    /// Remove podwire-cni from every CNI config in the conf dir (restoring a wrapped .conf)
+    /// and the binary from the bin dir.
+    Uninstall(install::InstallArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -79,6 +87,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve::run(args)).context("serve"),
+        Command::Install(cmd) => runtime.block_on(install::run(cmd)).context("install"),
+        Command::Uninstall(args) => install::uninstall(&args).map(|_| ()).context("uninstall"),
     };
     runtime.shutdown_timeout(Duration::from_secs(1));
     result

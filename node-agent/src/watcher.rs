@@ -138,3 +138,51 @@ mod tests {
         assert!(triggers_reload(&EventKind::Other));
     }
 }
+
+/// Change notifications for a few directories (install's conf and bin dirs). Every event
+/// counts: the consumer re-reads and decides.
+#[derive(Debug)]
+pub struct DirEvents {
+    rx: mpsc::UnboundedReceiver<()>,
+    _watcher: RecommendedWatcher,
+}
+
+impl DirEvents {
+    pub async fn recv(&mut self) -> Option<()> {
+        self.rx.recv().await
+    }
+
+    /// Forget queued notifications (one re-read covers them all).
+    pub fn drain(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+pub fn watch_dirs(dirs: &[&Path]) -> Result<DirEvents, Error> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match event {
+            Ok(e) => !matches!(e.kind, EventKind::Access(_)),
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|source| Error::Watch {
+        path: dirs.first().map(|d| d.to_path_buf()).unwrap_or_default(),
+        source,
+    })?;
+    for dir in dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|source| Error::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    Ok(DirEvents {
+        rx,
+        _watcher: watcher,
+    })
+}
