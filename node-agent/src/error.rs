@@ -50,6 +50,10 @@ pub enum Error {
     #[error("another process is already serving on {}", path.display())]
     SocketInUse { path: PathBuf },
 
+    /// A Kubernetes API call (or client set-up) failed; `what` says which.
+    #[error("{what}: {message}")]
+    Kube { what: String, message: String },
+
     /// Installing or uninstalling the plugin failed on this file.
     #[error("{}: {message}", path.display())]
     Install { path: PathBuf, message: String },

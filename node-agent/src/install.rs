@@ -6,6 +6,7 @@
 //! in `.tmp`, which libcni never loads.
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use podwire_core::conflist::{self, PLUGIN_TYPE};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -13,6 +14,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -311,24 +313,26 @@ impl FightDetector {
     }
 }
 
-/// `install [--watch]`.
-pub async fn run(cmd: InstallCmd) -> Result<(), Error> {
-    let args = cmd.args;
+/// Keep podwire chained until `shutdown` completes (`watch`), or until it is chained once.
+/// Returns `true` when it stopped because of `shutdown`.
+pub async fn keep_chained(
+    args: &InstallArgs,
+    watch: bool,
+    metrics: Option<&Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<bool, Error> {
+    tokio::pin!(shutdown);
     let entry = args.entry();
-    install_binary(&args)?;
+    install_binary(args)?;
     fs::create_dir_all(&args.cni_conf_dir)
         .map_err(|e| io_err(&args.cni_conf_dir, "creating", e))?;
     let mut events = crate::watcher::watch_dirs(&[&args.cni_conf_dir, &args.cni_bin_dir])?;
     let mut fights = FightDetector::default();
     let mut announced = false;
     let mut chained_once = false;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| Error::Signal {
-            signal: "SIGTERM",
-            source,
-        })?;
     loop {
-        match ensure_chained(&args.cni_conf_dir, &entry)? {
+        let state = ensure_chained(&args.cni_conf_dir, &entry)?;
+        match &state {
             ChainState::NoPrimary => {
                 if !announced {
                     info!(
@@ -338,22 +342,35 @@ pub async fn run(cmd: InstallCmd) -> Result<(), Error> {
                     announced = true;
                 }
             }
-            ChainState::AlreadyChained(_) => chained_once = true,
+            ChainState::AlreadyChained(_) => {}
             ChainState::Written { to, .. } => {
+                if let Some(m) = metrics {
+                    m.installs.fetch_add(1, Ordering::Relaxed);
+                    if chained_once {
+                        m.reinserts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if chained_once && fights.reinserted(Instant::now()) {
+                    if let Some(m) = metrics {
+                        m.reverted_storms.fetch_add(1, Ordering::Relaxed);
+                    }
                     warn!(
                         "podwire-cni had to be re-inserted into {} more than {FIGHT_LIMIT} times in a minute: another component (the primary CNI's installer?) keeps rewriting it without podwire's entry",
-                        args.cni_conf_dir.join(&to).display()
+                        args.cni_conf_dir.join(to).display()
                     );
                 }
-                chained_once = true;
             }
         }
-        if chained_once && !cmd.watch {
-            return Ok(());
+        let chained = !matches!(state, ChainState::NoPrimary);
+        chained_once |= chained;
+        if let Some(m) = metrics {
+            m.installed.store(chained, Ordering::Relaxed);
+        }
+        if chained_once && !watch {
+            return Ok(false);
         }
         if !args.cni_bin_dir.join(PLUGIN_BIN).is_file() {
-            install_binary(&args)?;
+            install_binary(args)?;
         }
         tokio::select! {
             Some(()) = events.recv() => {
@@ -363,15 +380,19 @@ pub async fn run(cmd: InstallCmd) -> Result<(), Error> {
             }
             // A missed event is repaired by the next pass anyway.
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = sigterm.recv(), if cmd.watch => return stop(&args, "SIGTERM"),
-            _ = tokio::signal::ctrl_c(), if cmd.watch => return stop(&args, "SIGINT"),
+            () = &mut shutdown => return Ok(true),
         }
     }
 }
 
-fn stop(args: &InstallArgs, signal: &str) -> Result<(), Error> {
-    info!("{signal}: removing podwire's change");
-    uninstall(args).map(|_| ())
+/// `install [--watch]`: with --watch, SIGTERM/SIGINT remove exactly podwire's change.
+pub async fn run(cmd: InstallCmd) -> Result<(), Error> {
+    let shutdown = crate::serve::shutdown_signal()?;
+    if keep_chained(&cmd.args, cmd.watch, None, shutdown).await? && cmd.watch {
+        info!("removing podwire's change");
+        uninstall(&cmd.args)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,17 +5,22 @@
 //! goes away first.
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::pods_dir::{PodStore, Pods};
 use podwire_core::lookup::{
     self, LookupRequest, LookupResponse, LookupStatus, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
+use podwire_core::PodInfo;
 use std::fs;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -106,10 +111,86 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
     Ok((listener, file))
 }
 
-/// Answers look-ups from `store` until `shutdown` completes.
+/// Looks a pod up in the API server (the `run` mode's fallback for pods not in the cache).
+pub type Fallback = Arc<
+    dyn Fn(String, String) -> Pin<Box<dyn Future<Output = Result<Option<PodInfo>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Where answers come from.
+pub struct Source {
+    pub store: Arc<PodStore>,
+    /// `None`: the store is complete from the start (a directory). `Some(flag)`: complete once
+    /// the flag is set (the first sync of a watch); before that a miss is not an answer.
+    pub synced: Option<Arc<AtomicBool>>,
+    /// Asked on a cache miss.
+    pub fallback: Option<Fallback>,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("synced", &self.synced)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Source {
+    pub fn directory(store: Arc<PodStore>) -> Source {
+        Source {
+            store,
+            synced: None,
+            fallback: None,
+            metrics: None,
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.synced
+            .as_ref()
+            .is_none_or(|s| s.load(Ordering::SeqCst))
+    }
+
+    async fn resolve(&self, line: &[u8]) -> LookupResponse {
+        let response = answer(line, &self.store.snapshot());
+        if !matches!(response.status, LookupStatus::NotFound) {
+            return response;
+        }
+        let Ok(mut request) = serde_json::from_slice::<LookupRequest>(line) else {
+            return response;
+        };
+        if request.namespace.is_empty() {
+            request.namespace = "default".to_owned();
+        }
+        let synced = self.synced();
+        match &self.fallback {
+            Some(get) => match get(request.namespace.clone(), request.name.clone()).await {
+                Ok(Some(pod)) if lookup::matches(&pod, &request) => {
+                    LookupResponse::new(LookupStatus::Found { pod: Box::new(pod) })
+                }
+                Ok(_) => response,
+                // The API server cannot be asked: a synced cache's miss still stands.
+                Err(_) if synced => response,
+                Err(e) => LookupResponse::new(LookupStatus::NotReady {
+                    message: format!(
+                        "pod cache not synced yet and the API server did not answer: {e}"
+                    ),
+                }),
+            },
+            None if !synced => LookupResponse::new(LookupStatus::NotReady {
+                message: "pod cache not synced yet".to_owned(),
+            }),
+            None => response,
+        }
+    }
+}
+
+/// Answers look-ups from `source` until `shutdown` completes.
 pub async fn serve(
     listener: UnixListener,
-    store: Arc<PodStore>,
+    source: Arc<Source>,
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -134,15 +215,16 @@ pub async fn serve(
                 }
             },
         };
-        let store = Arc::clone(&store);
+        let source = Arc::clone(&source);
         tokio::spawn(async move {
-            handle_connection(stream, &store).await;
+            handle_connection(stream, &source).await;
             drop(slot);
         });
     }
 }
 
-async fn handle_connection(stream: UnixStream, store: &PodStore) {
+async fn handle_connection(stream: UnixStream, source: &Source) {
+    let started = Instant::now();
     let (read, mut write) = stream.into_split();
     let response = match tokio::time::timeout(READ_TIMEOUT, read_request(read)).await {
         Err(_) => error(format!(
@@ -160,8 +242,11 @@ async fn handle_connection(stream: UnixStream, store: &PodStore) {
         Ok(Ok(Request::TooLarge)) => {
             error(format!("request larger than {MAX_MESSAGE_BYTES} bytes"))
         }
-        Ok(Ok(Request::Line(line))) => answer(&line, &store.snapshot()),
+        Ok(Ok(Request::Line(line))) => source.resolve(&line).await,
     };
+    if let Some(m) = &source.metrics {
+        m.lookup(&response.status, started.elapsed());
+    }
     if let LookupStatus::Error { message } = &response.status {
         tracing::warn!("refused a look-up request: {message}");
     }

@@ -4,7 +4,9 @@
 mod error;
 mod install;
 mod lookup_server;
+mod metrics;
 mod pods_dir;
+mod run;
 mod serve;
 mod watcher;
 
@@ -36,6 +38,11 @@ enum Command {
     /// Remove podwire-cni from every CNI config in the conf dir (restoring a wrapped .conf)
     /// and the binary from the bin dir.
     Uninstall(install::InstallArgs),
+    /// The DaemonSet mode: install + watch, answer look-ups from a cache of this node's pods
+    /// (spec.nodeName), report status (/healthz, /readyz, /metrics, Node condition
+    /// PodwireReady, Events), repair mesh pods that started un-redirected, and remove
+    /// podwire from the node on SIGTERM when its DaemonSet is being deleted.
+    Run(Box<run::RunArgs>),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -88,6 +95,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     let result = match command {
         Command::Serve(args) => runtime.block_on(serve::run(args)).context("serve"),
         Command::Install(cmd) => runtime.block_on(install::run(cmd)).context("install"),
+        Command::Run(args) => runtime.block_on(run::run(*args)).context("run"),
         Command::Uninstall(args) => install::uninstall(&args).map(|_| ()).context("uninstall"),
     };
     runtime.shutdown_timeout(Duration::from_secs(1));

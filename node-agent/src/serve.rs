@@ -60,14 +60,19 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         store.snapshot().len(),
         args.socket.display()
     );
-    lookup_server::serve(listener, store, shutdown).await;
+    lookup_server::serve(
+        listener,
+        Arc::new(lookup_server::Source::directory(store)),
+        shutdown,
+    )
+    .await;
     drop(socket_file); // removes the socket
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Completes on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
     let install = |kind: SignalKind, name: &'static str| {
         signal(kind).map_err(|source| Error::Signal {
             signal: name,

@@ -1,0 +1,658 @@
+//! `podwire-agent run`: the DaemonSet mode. Install + watch the chain, a node-scoped pod
+//! cache answering the plugin, status (`/healthz`, `/readyz`, `/metrics`, the Node condition
+//! `PodwireReady`, Events), repair of mesh pods that raced the plugin, the plugin's
+//! kubeconfig, and clean-up on termination unless the DaemonSet is only being updated.
+
+use crate::error::Error;
+use crate::install::{self, InstallArgs};
+use crate::lookup_server::{self, Fallback, Source};
+use crate::metrics::Metrics;
+use crate::pods_dir::{PodStore, Pods};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use podwire_core::mesh::{mesh_decision, DEFAULT_EXCLUDED_NAMESPACES};
+use podwire_core::{MeshProfile, PodInfo};
+use serde_json::json;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+pub const CONDITION: &str = "PodwireReady";
+pub const STARTUP_TAINT: &str = "podwire.io/not-ready";
+pub const UNINITIALIZED_LABEL: &str = "podwire.io/uninitialized";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Repair {
+    /// Delete the pod (UID precondition); its controller recreates it, now redirected.
+    Delete,
+    /// Label it `podwire.io/uninitialized=true` for a person or a tool to act on.
+    Label,
+    /// Only report (log, metric, Event).
+    Off,
+}
+
+/// The DaemonSet mode. Kubernetes access comes from the in-cluster service account or
+/// KUBECONFIG (kube-rs' usual inference).
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub install: InstallArgs,
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: String,
+    /// The agent's namespace and DaemonSet, to tell an update from an uninstall on SIGTERM.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "podwire-system",
+        value_name = "NS"
+    )]
+    pub namespace: String,
+    #[arg(long, default_value = "podwire-agent", value_name = "NAME")]
+    pub daemonset: String,
+    /// Unix socket the plugin asks (its agentSocket).
+    #[arg(
+        long,
+        default_value = "/var/run/podwire/agent.sock",
+        value_name = "PATH"
+    )]
+    pub socket: PathBuf,
+    /// Where the plugin leaves a record per redirected pod (its stateDir).
+    #[arg(long, default_value = "/var/run/podwire/state", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:9964", value_name = "ADDR")]
+    pub status_addr: String,
+    /// What to do with mesh pods running on this node without redirection.
+    #[arg(long, value_enum, default_value_t = Repair::Label)]
+    pub repair: Repair,
+    /// Remove the `podwire.io/not-ready` taint from this node once ready.
+    #[arg(long)]
+    pub remove_startup_taint: bool,
+    /// Service-account token to hand the plugin (rewritten when it rotates).
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        value_name = "FILE"
+    )]
+    pub token_file: PathBuf,
+    /// Seconds between heartbeats (API check, Node condition, repair pass).
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub heartbeat: u64,
+}
+
+/// Shared state between the tasks.
+#[derive(Debug, Default)]
+struct State {
+    metrics: Arc<Metrics>,
+    /// phase by (namespace, name), for repair.
+    phases: Mutex<HashMap<(String, String), String>>,
+    handled: Mutex<BTreeSet<String>>,
+}
+
+fn kube_err(what: &str) -> impl Fn(kube::Error) -> Error + '_ {
+    move |e| Error::Kube {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<(), Error> {
+    let shutdown = crate::serve::shutdown_signal()?;
+    let config = kube::Config::infer().await.map_err(|e| Error::Kube {
+        what: "loading the Kubernetes client configuration (in-cluster or KUBECONFIG)".into(),
+        message: e.to_string(),
+    })?;
+    let cluster_url = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(kube_err("creating the Kubernetes client"))?;
+    let state = Arc::new(State::default());
+    let store = Arc::new(PodStore::default());
+    let synced = Arc::new(AtomicBool::new(false));
+
+    // The plugin's own credentials, for its fallback GET when this agent is down.
+    let mut install_args = args.install.clone();
+    if install_args.plugin_kubeconfig.is_none() && args.token_file.is_file() {
+        let run_dir = args
+            .socket
+            .parent()
+            .unwrap_or(Path::new("/var/run/podwire"))
+            .to_path_buf();
+        install_args.plugin_kubeconfig = Some(run_dir.join("kubeconfig"));
+        tokio::spawn(plugin_credentials(
+            args.token_file.clone(),
+            run_dir,
+            cluster_url,
+            Duration::from_secs(args.heartbeat.max(1)),
+        ));
+    }
+    install_args.agent_socket = args.socket.clone();
+
+    tokio::spawn(watch_pods(
+        client.clone(),
+        args.node_name.clone(),
+        store.clone(),
+        synced.clone(),
+        state.clone(),
+    ));
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let fallback: Fallback = Arc::new(move |ns: String, name: String| {
+        let api: Api<Pod> = Api::namespaced(pods_api.clone().into_client(), &ns);
+        Box::pin(async move {
+            match api.get_opt(&name).await {
+                Ok(pod) => Ok(pod.and_then(|p| slim(&p))),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    });
+    let source = Arc::new(Source {
+        store: store.clone(),
+        synced: Some(synced),
+        fallback: Some(fallback),
+        metrics: Some(state.metrics.clone()),
+    });
+    let (listener, socket_file) = lookup_server::bind(&args.socket).await?;
+    let status = tokio::net::TcpListener::bind(&args.status_addr)
+        .await
+        .map_err(|e| Error::Kube {
+            what: format!("binding the status address {}", args.status_addr),
+            message: e.to_string(),
+        })?;
+    info!(
+        "status on http://{}",
+        status
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    tokio::spawn(serve_status(status, state.clone()));
+    tokio::spawn(heartbeat(
+        client.clone(),
+        args.node_name.clone(),
+        args.clone_for_heartbeat(),
+        store.clone(),
+        state.clone(),
+    ));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let lookups = tokio::spawn(lookup_server::serve(
+        listener,
+        source,
+        wait_for(stop_rx.clone()),
+    ));
+    let chain = {
+        let (args, state) = (install_args.clone(), state.clone());
+        tokio::spawn(async move {
+            install::keep_chained(&args, true, Some(&state.metrics), wait_for(stop_rx)).await
+        })
+    };
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = lookups.await;
+    match chain.await {
+        Ok(Err(e)) => warn!("keeping the plugin chained failed: {e}"),
+        Err(e) => warn!("the install task ended abnormally: {e}"),
+        Ok(Ok(_)) => {}
+    }
+    drop(socket_file);
+    if uninstalling(&client, &args.namespace, &args.daemonset).await {
+        info!(
+            "DaemonSet {}/{} is gone or being deleted: removing podwire from this node",
+            args.namespace, args.daemonset
+        );
+        install::uninstall(&install_args)?;
+    } else {
+        info!("DaemonSet {}/{} still exists (update or restart): leaving podwire-cni installed for the next agent", args.namespace, args.daemonset);
+    }
+    Ok(())
+}
+
+async fn wait_for(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// An uninstall is a deleted (or deleting) DaemonSet; anything else — a rolling update, a
+/// restart, an API server we cannot reach — keeps the plugin in place, failing safe.
+async fn uninstalling(client: &Client, ns: &str, name: &str) -> bool {
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(name).await {
+        Ok(None) => true,
+        Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+        Err(e) => {
+            warn!("cannot tell whether DaemonSet {ns}/{name} is being deleted ({e}): leaving podwire installed");
+            false
+        }
+    }
+}
+
+/// The slice of the pod the plugin needs, nothing else kept in memory.
+pub fn slim(pod: &Pod) -> Option<PodInfo> {
+    serde_json::to_value(pod)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+async fn watch_pods(
+    client: Client,
+    node: String,
+    store: Arc<PodStore>,
+    synced: Arc<AtomicBool>,
+    state: Arc<State>,
+) {
+    let api: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut current = Pods::default();
+    let mut pending: Option<Pods> = None;
+    let key = |p: &Pod| {
+        (
+            p.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            p.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let phase = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default()
+    };
+    loop {
+        match stream.try_next().await {
+            Ok(Some(Event::Init)) => pending = Some(Pods::default()),
+            Ok(Some(Event::InitApply(pod))) => {
+                if let (Some(p), Some(info)) = (pending.as_mut(), slim(&pod)) {
+                    p.insert(info);
+                }
+                lock(&state.phases).insert(key(&pod), phase(&pod));
+            }
+            Ok(Some(Event::InitDone)) => {
+                current = pending.take().unwrap_or_default();
+                store.replace(current.clone());
+                state
+                    .metrics
+                    .cached_pods
+                    .store(current.len() as u64, Ordering::Relaxed);
+                if !synced.swap(true, Ordering::SeqCst) {
+                    info!("pod cache synced: {} pods on node {node}", current.len());
+                }
+                state.metrics.synced.store(true, Ordering::Relaxed);
+            }
+            Ok(Some(Event::Apply(pod))) => {
+                if let Some(info) = slim(&pod) {
+                    current.insert(info);
+                }
+                lock(&state.phases).insert(key(&pod), phase(&pod));
+                store.replace(current.clone());
+                state
+                    .metrics
+                    .cached_pods
+                    .store(current.len() as u64, Ordering::Relaxed);
+            }
+            Ok(Some(Event::Delete(pod))) => {
+                let (ns, name) = key(&pod);
+                current.remove(&ns, &name);
+                lock(&state.phases).remove(&(ns, name));
+                store.replace(current.clone());
+                state
+                    .metrics
+                    .cached_pods
+                    .store(current.len() as u64, Ordering::Relaxed);
+            }
+            Ok(None) => return,
+            // The watcher re-lists (410 Gone) or re-watches after a back-off by itself; the
+            // cache keeps serving what it has meanwhile.
+            Err(e) => warn!("pod watch on node {node}: {e}; retrying"),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Clone)]
+struct HeartbeatArgs {
+    period: Duration,
+    repair: Repair,
+    state_dir: PathBuf,
+    namespace: String,
+    remove_startup_taint: bool,
+}
+
+impl RunArgs {
+    fn clone_for_heartbeat(&self) -> HeartbeatArgs {
+        HeartbeatArgs {
+            period: Duration::from_secs(self.heartbeat.max(1)),
+            repair: self.repair,
+            state_dir: self.state_dir.clone(),
+            namespace: self.namespace.clone(),
+            remove_startup_taint: self.remove_startup_taint,
+        }
+    }
+}
+
+/// Every period: check the API server, publish the Node condition when it changes, repair.
+async fn heartbeat(
+    client: Client,
+    node: String,
+    args: HeartbeatArgs,
+    store: Arc<PodStore>,
+    state: Arc<State>,
+) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut published: Option<(bool, String)> = None;
+    let mut taint_removed = false;
+    loop {
+        let reachable = match tokio::time::timeout(Duration::from_secs(5), nodes.get(&node)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                warn!("API server check (GET node {node}) failed: {e}");
+                false
+            }
+            Err(_) => {
+                warn!("API server check (GET node {node}) timed out");
+                false
+            }
+        };
+        state
+            .metrics
+            .api_reachable
+            .store(reachable, Ordering::Relaxed);
+        let (ready, message) = readiness(&state);
+        if reachable && published.as_ref() != Some(&(ready, message.clone())) {
+            match patch_condition(&nodes, &node, ready, &message).await {
+                Ok(()) => published = Some((ready, message.clone())),
+                Err(e) => warn!("patching Node {node} condition {CONDITION}: {e}"),
+            }
+        }
+        if ready && reachable && args.remove_startup_taint && !taint_removed {
+            taint_removed = remove_taint(&nodes, &node).await;
+        }
+        if ready {
+            repair(&client, &node, &args, &store, &state).await;
+        }
+        tokio::time::sleep(args.period).await;
+    }
+}
+
+fn readiness(state: &State) -> (bool, String) {
+    let m = &state.metrics;
+    let mut missing = Vec::new();
+    if !m.installed.load(Ordering::Relaxed) {
+        missing.push("podwire-cni is not chained into the primary CNI config (waiting for one?)");
+    }
+    if !m.synced.load(Ordering::Relaxed) {
+        missing.push("the node's pod cache has not synced");
+    }
+    if !m.api_reachable.load(Ordering::Relaxed) {
+        missing.push("the API server is not reachable");
+    }
+    if missing.is_empty() {
+        (
+            true,
+            "podwire-cni is installed and the pod cache is synced".into(),
+        )
+    } else {
+        (false, missing.join("; "))
+    }
+}
+
+async fn patch_condition(
+    nodes: &Api<Node>,
+    node: &str,
+    ready: bool,
+    message: &str,
+) -> Result<(), kube::Error> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = json!({"status": {"conditions": [{
+        "type": CONDITION,
+        "status": if ready { "True" } else { "False" },
+        "reason": if ready { "PodwireReady" } else { "PodwireNotReady" },
+        "message": message,
+        "lastHeartbeatTime": now,
+        "lastTransitionTime": now,
+    }]}});
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map(|_| ())
+}
+
+async fn remove_taint(nodes: &Api<Node>, node: &str) -> bool {
+    let Ok(n) = nodes.get(node).await else {
+        return false;
+    };
+    let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+    if !taints.iter().any(|t| t.key == STARTUP_TAINT) {
+        return true;
+    }
+    let kept: Vec<_> = taints
+        .into_iter()
+        .filter(|t| t.key != STARTUP_TAINT)
+        .collect();
+    let patch = json!({"spec": {"taints": kept}});
+    match nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {
+            info!("removed the {STARTUP_TAINT} taint from node {node}");
+            true
+        }
+        Err(e) => {
+            warn!("removing the {STARTUP_TAINT} taint from node {node}: {e}");
+            false
+        }
+    }
+}
+
+/// Pod UIDs the plugin left a record for.
+fn recorded_uids(state_dir: &Path) -> BTreeSet<String> {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("pods")) else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
+        .filter_map(|v| v["uid"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Mesh pods running on this node with no record started before podwire could redirect them.
+async fn repair(
+    client: &Client,
+    node: &str,
+    args: &HeartbeatArgs,
+    store: &PodStore,
+    state: &State,
+) {
+    let profile = MeshProfile::istio();
+    let excluded: Vec<String> = DEFAULT_EXCLUDED_NAMESPACES
+        .iter()
+        .map(|s| s.to_string())
+        .chain([args.namespace.clone()])
+        .collect();
+    let records = recorded_uids(&args.state_dir);
+    let phases = lock(&state.phases).clone();
+    let snapshot = store.snapshot();
+    let raced: Vec<PodInfo> = snapshot
+        .iter()
+        .filter(|p| !p.metadata.uid.is_empty() && !records.contains(&p.metadata.uid))
+        .filter(|p| {
+            phases
+                .get(&(p.namespace().to_string(), p.metadata.name.clone()))
+                .is_some_and(|ph| ph == "Running")
+        })
+        .filter(|p| mesh_decision(p, &profile, &excluded).is_redirect())
+        .filter(|p| !lock(&state.handled).contains(&p.metadata.uid))
+        .cloned()
+        .collect();
+    for pod in raced {
+        let (ns, name, uid) = (
+            pod.namespace().to_string(),
+            pod.metadata.name.clone(),
+            pod.metadata.uid.clone(),
+        );
+        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let (action, result) = match args.repair {
+            Repair::Off => ("reported", Ok(())),
+            Repair::Delete => {
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                ("delete", api.delete(&name, &dp).await.map(|_| ()))
+            }
+            Repair::Label => {
+                let patch = json!({"metadata": {"labels": {UNINITIALIZED_LABEL: "true"}}});
+                (
+                    "label",
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                        .map(|_| ()),
+                )
+            }
+        };
+        let message = match &result {
+            Ok(()) => format!(
+                "pod started before podwire-cni could redirect its traffic on node {node} (no plugin record for UID {uid}): {}",
+                match args.repair {
+                    Repair::Delete => "deleted it so its controller recreates it redirected",
+                    Repair::Label => "labelled it podwire.io/uninitialized=true; restart it to get redirection",
+                    Repair::Off => "restart it to get redirection (--repair=off)",
+                }
+            ),
+            Err(e) => format!("pod runs without redirection on node {node}; {action} failed: {e}"),
+        };
+        warn!(pod = %format!("{ns}/{name}"), "{message}");
+        state
+            .metrics
+            .repaired(if result.is_ok() { action } else { "failed" });
+        lock(&state.handled).insert(uid.clone());
+        event(client, &ns, &name, &uid, "PodwireUninitialized", &message).await;
+    }
+}
+
+/// A core/v1 Event on the pod, so `kubectl describe pod` shows it.
+async fn event(client: &Client, ns: &str, name: &str, uid: &str, reason: &str, message: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let ev = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{name}.podwire-"), "namespace": ns},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name, "uid": uid},
+        "reason": reason, "message": message, "type": "Warning",
+        "source": {"component": "podwire-agent"},
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    });
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    match serde_json::from_value(ev) {
+        Ok(ev) => {
+            if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                warn!("recording an Event on {ns}/{name}: {e}");
+            }
+        }
+        Err(e) => warn!("building an Event: {e}"),
+    }
+}
+
+/// Copy the service-account token next to a kubeconfig for the plugin (mode 0600, in the
+/// run dir, not in net.d), rewriting the token whenever the projected one rotates.
+async fn plugin_credentials(
+    token_file: PathBuf,
+    run_dir: PathBuf,
+    server: String,
+    period: Duration,
+) {
+    let ca_file = token_file.with_file_name("ca.crt");
+    let kubeconfig = run_dir.join("kubeconfig");
+    let token_copy = run_dir.join("token");
+    let mut last: Option<Vec<u8>> = None;
+    loop {
+        match std::fs::read(&token_file) {
+            Ok(token) if last.as_ref() != Some(&token) => {
+                let text = format!(
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: podwire-cni\n  user:\n    tokenFile: {}\ncontexts:\n- name: podwire\n  context:\n    cluster: local\n    user: podwire-cni\ncurrent-context: podwire\n",
+                    ca_file.display(),
+                    token_copy.display()
+                );
+                let wrote = install::write_atomic(&token_copy, &token, 0o600)
+                    .and_then(|()| install::write_atomic(&kubeconfig, text.as_bytes(), 0o600));
+                match wrote {
+                    Ok(()) => {
+                        info!(
+                            "wrote the plugin's kubeconfig {} (token refreshed)",
+                            kubeconfig.display()
+                        );
+                        last = Some(token);
+                    }
+                    Err(e) => warn!("writing the plugin's kubeconfig: {e}"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                "reading the service-account token {}: {e}",
+                token_file.display()
+            ),
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// A tiny HTTP/1.1 responder for probes and scrapes: GET only, one request per connection.
+async fn serve_status(listener: tokio::net::TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (code, ctype, body) = match path {
+                "/healthz" => (200, "text/plain", "ok\n".to_string()),
+                "/readyz" => {
+                    let (ready, message) = readiness(&state);
+                    (
+                        if ready { 200 } else { 503 },
+                        "text/plain",
+                        format!("{message}\n"),
+                    )
+                }
+                "/metrics" => (200, "text/plain; version=0.0.4", state.metrics.render()),
+                _ => (
+                    404,
+                    "text/plain",
+                    "not found: try /healthz, /readyz, /metrics\n".to_string(),
+                ),
+            };
+            let reason = match code {
+                200 => "OK",
+                503 => "Service Unavailable",
+                _ => "Not Found",
+            };
+            let _ = conn
+                .write_all(format!("HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                .await;
+        });
+    }
+}
