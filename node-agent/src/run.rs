@@ -97,6 +97,8 @@ struct State {
     /// phase by (namespace, name), for repair.
     phases: Mutex<HashMap<(String, String), String>>,
     handled: Mutex<BTreeSet<String>>,
+    /// The last install failure, for the readiness message.
+    install_error: Mutex<Option<String>>,
 }
 
 fn kube_err(what: &str) -> impl Fn(kube::Error) -> Error + '_ {
@@ -189,18 +191,44 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         wait_for(stop_rx.clone()),
     ));
     let chain = {
-        let (args, state) = (install_args.clone(), state.clone());
+        let (args, state, client, node) = (
+            install_args.clone(),
+            state.clone(),
+            client.clone(),
+            args.node_name.clone(),
+        );
         tokio::spawn(async move {
-            install::keep_chained(&args, true, Some(&state.metrics), wait_for(stop_rx)).await
+            // An install failure (say, an unsupported primary config) is reported and retried:
+            // the agent stays up, not ready, and says why.
+            loop {
+                match install::keep_chained(
+                    &args,
+                    true,
+                    Some(&state.metrics),
+                    wait_for(stop_rx.clone()),
+                )
+                .await
+                {
+                    Ok(_) => return,
+                    Err(e) => {
+                        state.metrics.installed.store(false, Ordering::Relaxed);
+                        *lock(&state.install_error) = Some(e.to_string());
+                        warn!("installing podwire-cni on node {node}: {e}; retrying in 10s");
+                        event_on_node(&client, &node, "PodwireInstallFailed", &e.to_string()).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                            () = wait_for(stop_rx.clone()) => return,
+                        }
+                    }
+                }
+            }
         })
     };
     shutdown.await;
     let _ = stop_tx.send(true);
     let _ = lookups.await;
-    match chain.await {
-        Ok(Err(e)) => warn!("keeping the plugin chained failed: {e}"),
-        Err(e) => warn!("the install task ended abnormally: {e}"),
-        Ok(Ok(_)) => {}
+    if let Err(e) = chain.await {
+        warn!("the install task ended abnormally: {e}");
     }
     drop(socket_file);
     if uninstalling(&client, &args.namespace, &args.daemonset).await {
@@ -388,23 +416,34 @@ async fn heartbeat(
 
 fn readiness(state: &State) -> (bool, String) {
     let m = &state.metrics;
-    let mut missing = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    let install_error = lock(&state.install_error).clone();
     if !m.installed.load(Ordering::Relaxed) {
-        missing.push("podwire-cni is not chained into the primary CNI config (waiting for one?)");
+        missing.push(match &install_error {
+            Some(e) => format!("podwire-cni is not chained into the primary CNI config: {e}"),
+            None => {
+                "podwire-cni is not chained into the primary CNI config (waiting for one?)".into()
+            }
+        });
     }
     if !m.synced.load(Ordering::Relaxed) {
-        missing.push("the node's pod cache has not synced");
+        missing.push("the node's pod cache has not synced".into());
     }
     if !m.api_reachable.load(Ordering::Relaxed) {
-        missing.push("the API server is not reachable");
+        missing.push("the API server is not reachable".into());
     }
+    let note = if m.reverted_storms.load(Ordering::Relaxed) > 0 {
+        " (warning: another component keeps removing podwire's entry from the CNI config; see the agent's log)"
+    } else {
+        ""
+    };
     if missing.is_empty() {
         (
             true,
-            "podwire-cni is installed and the pod cache is synced".into(),
+            format!("podwire-cni is installed and the pod cache is synced{note}"),
         )
     } else {
-        (false, missing.join("; "))
+        (false, format!("{}{note}", missing.join("; ")))
     }
 }
 
@@ -550,11 +589,30 @@ async fn repair(
 
 /// A core/v1 Event on the pod, so `kubectl describe pod` shows it.
 async fn event(client: &Client, ns: &str, name: &str, uid: &str, reason: &str, message: &str) {
+    let involved =
+        json!({"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name, "uid": uid});
+    post_event(client, ns, name, involved, reason, message).await;
+}
+
+/// An Event on this Node (`kubectl describe node`), in the default namespace as kubelet does.
+async fn event_on_node(client: &Client, node: &str, reason: &str, message: &str) {
+    let involved = json!({"apiVersion": "v1", "kind": "Node", "name": node, "uid": node});
+    post_event(client, "default", node, involved, reason, message).await;
+}
+
+async fn post_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    involved: serde_json::Value,
+    reason: &str,
+    message: &str,
+) {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let ev = json!({
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": format!("{name}.podwire-"), "namespace": ns},
-        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name, "uid": uid},
+        "involvedObject": involved,
         "reason": reason, "message": message, "type": "Warning",
         "source": {"component": "podwire-agent"},
         "firstTimestamp": now, "lastTimestamp": now, "count": 1,

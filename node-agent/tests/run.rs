@@ -323,6 +323,55 @@ fn run_serves_this_nodes_pods_reports_status_and_survives_the_api_server() {
 }
 
 #[test]
+fn an_install_failure_is_reported_retried_and_the_startup_taint_waits_for_ready() {
+    let api = ApiServer::start().expect("api");
+    cluster(&api, true);
+    let taint = json!({"spec": {"taints": [
+        {"key": "podwire.io/not-ready", "effect": "NoSchedule"},
+        {"key": "other", "effect": "NoSchedule"}]}});
+    let mut node = api.get(&format!("/api/v1/nodes/{NODE}")).expect("node");
+    node["spec"] = taint["spec"].clone();
+    api.put(&format!("/api/v1/nodes/{NODE}"), node);
+    let a = start(&api, &["--remove-startup-taint"], |d| {
+        std::fs::write(
+            d.join("net.d/10-calico.conflist"),
+            r#"{"cniVersion":"0.2.0","name":"old","plugins":[{"type":"calico"}]}"#,
+        )
+        .expect("old conflist");
+    });
+    eventually(
+        "not ready, with the reason",
+        Duration::from_secs(10),
+        || {
+            let (code, body) = http(a.port, "/readyz");
+            code == 503 && body.contains("0.2.0")
+        },
+    );
+    eventually("an Event on the Node", Duration::from_secs(10), || {
+        api.count("POST", "/api/v1/namespaces/default/events") >= 1
+    });
+    let taints =
+        || api.get(&format!("/api/v1/nodes/{NODE}")).expect("node")["spec"]["taints"].clone();
+    assert!(
+        taints().to_string().contains("podwire.io/not-ready"),
+        "taint must stay while not ready"
+    );
+    // The primary CNI is upgraded: the retry chains the plugin, the agent becomes ready, the taint goes.
+    std::fs::write(a.conflist(), CALICO).expect("new conflist");
+    eventually("ready after the retry", Duration::from_secs(20), || {
+        http(a.port, "/readyz").0 == 200
+    });
+    eventually("startup taint removed", Duration::from_secs(5), || {
+        !taints().to_string().contains("podwire.io/not-ready")
+    });
+    assert!(
+        taints().to_string().contains("other"),
+        "other taints stay: {}",
+        taints()
+    );
+}
+
+#[test]
 fn sigterm_uninstalls_when_the_daemonset_is_gone() {
     let api = ApiServer::start().expect("api");
     cluster(&api, false);
