@@ -1,0 +1,167 @@
+//! The node agent in DaemonSet mode (`run`, against the in-process API server) and the real
+//! plugin in real network namespaces: look-ups through the socket, the agent restarted in the
+//! middle, a pod missing from the cache found through the agent's GET fallback.
+
+use podwire_lab::apiserver::ApiServer;
+use podwire_lab::bins::workspace_bin;
+use podwire_lab::chain::exec_plugin;
+use podwire_lab::lab::pod_manifest;
+use podwire_lab::{require_root, Netns};
+use serde_json::json;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent(Child);
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(d: &Path) -> Agent {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let child = Command::new(workspace_bin("podwire-agent"))
+        .args([
+            "--log-level",
+            "warn",
+            "run",
+            "--node-name",
+            "node-1",
+            "--heartbeat",
+            "1",
+            "--repair",
+            "off",
+        ])
+        .args(["--status-addr", &format!("127.0.0.1:{port}")])
+        .arg("--cni-conf-dir")
+        .arg(d.join("net.d"))
+        .arg("--cni-bin-dir")
+        .arg(d.join("bin"))
+        .arg("--plugin-binary")
+        .arg(workspace_bin("podwire-cni"))
+        .arg("--socket")
+        .arg(d.join("agent.sock"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--token-file")
+        .arg(d.join("no-token"))
+        .env("KUBECONFIG", d.join("kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(d.join("agent.sock")).is_err() {
+        assert!(Instant::now() < deadline, "agent socket did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Agent(child)
+}
+
+fn add(d: &Path, ns: &Netns, pod: &str) -> podwire_lab::CniOutcome {
+    // Exactly the entry the agent chained into the conflist, as the runtime would pass it.
+    let conflist: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("net.d/10-bridge.conflist")).expect("conflist"),
+    )
+    .expect("json");
+    let mut entry = conflist["plugins"][1].clone();
+    assert_eq!(entry["type"], "podwire-cni", "{conflist}");
+    entry["cniVersion"] = conflist["cniVersion"].clone();
+    entry["name"] = conflist["name"].clone();
+    entry["stateDir"] = json!(d.join("state").display().to_string());
+    entry["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]});
+    let env = vec![
+        ("CNI_COMMAND", "ADD".to_string()),
+        ("CNI_CONTAINERID", ns.name.clone()),
+        ("CNI_NETNS", ns.path().display().to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        (
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"),
+        ),
+    ];
+    exec_plugin(
+        &workspace_bin("podwire-cni"),
+        &env,
+        entry.to_string().as_bytes(),
+    )
+    .expect("exec")
+}
+
+fn redirected(ns: &Netns) -> bool {
+    ns.nat_rules("iptables-save")
+        .expect("save")
+        .contains("-A OUTPUT -j ISTIO_OUTPUT")
+}
+
+#[test]
+fn plugin_and_agent_run_together_across_an_agent_restart() {
+    if !require_root() {
+        return;
+    }
+    let api = ApiServer::start().expect("api");
+    api.put(
+        "/api/v1/nodes/node-1",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}),
+    );
+    let on_node = |name: &str, node: &str| {
+        let mut p = pod_manifest("shop", name, true, &[]);
+        p["spec"]["nodeName"] = json!(node);
+        p
+    };
+    api.put("/api/v1/namespaces/shop/pods/web", on_node("web", "node-1"));
+    api.put(
+        "/api/v1/namespaces/shop/pods/web2",
+        on_node("web2", "node-1"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("net.d")).expect("mkdir");
+    std::fs::write(
+        d.join("net.d/10-bridge.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge"}]}"#,
+    )
+    .expect("conflist");
+    api.write_kubeconfig(&d.join("kubeconfig"), &api.token)
+        .expect("kubeconfig");
+
+    let agent = start_agent(d);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(d.join("net.d/10-bridge.conflist"))
+        .unwrap_or_default()
+        .contains("podwire-cni")
+    {
+        assert!(Instant::now() < deadline, "agent did not chain the plugin");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ns1 = Netns::new("a").expect("netns");
+    let out = add(d, &ns1, "web");
+    assert!(out.ok, "{out:?}");
+    assert!(redirected(&ns1));
+
+    // The agent restarts (a rolling update): the socket goes away and comes back.
+    drop(agent);
+    let agent = start_agent(d);
+    let ns2 = Netns::new("a").expect("netns");
+    let out = add(d, &ns2, "web2");
+    assert!(out.ok, "ADD after the agent restarted: {out:?}");
+    assert!(redirected(&ns2));
+
+    // A pod the node cache cannot have (scheduled elsewhere in this fixture): the agent's GET finds it.
+    api.put(
+        "/api/v1/namespaces/shop/pods/web3",
+        on_node("web3", "node-2"),
+    );
+    let ns3 = Netns::new("a").expect("netns");
+    let out = add(d, &ns3, "web3");
+    assert!(out.ok, "{out:?}");
+    assert!(redirected(&ns3), "found through the agent's direct GET");
+    assert!(api.count("GET", "/api/v1/namespaces/shop/pods/web3") >= 1);
+    drop(agent);
+}
