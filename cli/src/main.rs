@@ -2,6 +2,9 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod explain;
+mod inject;
+mod manifest;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,12 +30,25 @@ enum Cmd {
     /// ports 15001/15006 with their original destinations, and the plain pod's not. Every
     /// address is in 198.18.0.0/15 inside namespaces the demo creates.
     Demo(demo::Args),
+    /// Say whether the injection webhook would add the proxy to each Pod or pod template in a
+    /// manifest, and why (the webhook's own decision, rule by rule as in DESIGN.md).
+    ///
+    /// Only the pod's own metadata counts: for a Deployment, the labels and annotations of
+    /// spec.template.metadata, not the Deployment's.
+    Explain(explain::Args),
+    /// Inject offline, like `istioctl kube-inject`: write the manifest to stdout with the
+    /// proxy container and annotations the webhook would add to every Pod and pod template
+    /// (Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob).
+    /// Other documents are written back unchanged.
+    Inject(inject::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Demo(args) => demo::run(&args),
+        Cmd::Explain(args) => explain::run(&args),
+        Cmd::Inject(args) => inject::run(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -20,6 +20,12 @@ pub enum Error {
         value: i64,
         reason: &'static str,
     },
+    /// The injector's configuration file holds a value podwire refuses to use.
+    #[error("injector config: {field}: {reason}")]
+    InvalidConfig { field: String, reason: String },
+    /// The object handed to the injector is not a readable Pod (or pod template).
+    #[error("not a readable pod: {reason}")]
+    InvalidPod { reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

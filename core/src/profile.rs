@@ -57,6 +57,15 @@ impl TrafficKeys {
     }
 }
 
+/// Per-pod annotations overriding the proxy's resources (values are Kubernetes quantities).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceKeys {
+    pub cpu_request: &'static str,
+    pub memory_request: &'static str,
+    pub cpu_limit: &'static str,
+    pub memory_limit: &'static str,
+}
+
 /// One mesh's conventions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshProfile {
@@ -77,6 +86,7 @@ pub struct MeshProfile {
     pub ports: ProxyPorts,
     pub chains: Chains,
     pub traffic: TrafficKeys,
+    pub resources: ResourceKeys,
     /// Source address the proxy binds for inbound passthrough (127.0.0.6 / ::6).
     pub inbound_passthrough_v4: &'static str,
     pub inbound_passthrough_v6: &'static str,
@@ -115,6 +125,12 @@ impl MeshProfile {
                 include_outbound_ip_ranges: "traffic.sidecar.istio.io/includeOutboundIPRanges",
                 exclude_outbound_ip_ranges: "traffic.sidecar.istio.io/excludeOutboundIPRanges",
                 exclude_interfaces: "traffic.sidecar.istio.io/excludeInterfaces",
+            },
+            resources: ResourceKeys {
+                cpu_request: "sidecar.istio.io/proxyCPU",
+                memory_request: "sidecar.istio.io/proxyMemory",
+                cpu_limit: "sidecar.istio.io/proxyCPULimit",
+                memory_limit: "sidecar.istio.io/proxyMemoryLimit",
             },
             inbound_passthrough_v4: "127.0.0.6/32",
             inbound_passthrough_v6: "::6/128",

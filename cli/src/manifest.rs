@@ -1,0 +1,191 @@
+//! Manifests as `kubectl apply -f` takes them: multi-document YAML (or JSON), Pods and the
+//! workloads that hold a pod template, `kind: List` items. Shared by `explain` and `inject`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use podwire_core::inject::patch::unescape_token;
+use podwire_core::inject::{plan, InjectorConfig, Labels, PatchOp, Plan};
+use podwire_core::MeshProfile;
+use podwire_injector::{load_config, parse_namespace_labels};
+use serde::Deserialize;
+use serde_yaml_ng::Value as Yaml;
+use std::io::Read;
+use std::path::Path;
+
+/// Read FILE, or stdin for `-`.
+pub fn read_input(file: &str) -> Result<String> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading manifests from stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+    }
+}
+
+/// Every non-empty YAML document, in order (and with its keys in their order, so `inject`
+/// writes back what it read, plus the proxy).
+pub fn documents(text: &str, origin: &str) -> Result<Vec<Yaml>> {
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let doc = Yaml::deserialize(de)
+            .with_context(|| format!("{origin}: document {} is not valid YAML", i + 1))?;
+        if !doc.is_null() {
+            docs.push(doc);
+        }
+    }
+    Ok(docs)
+}
+
+/// The config file (or the default config) and the namespace labels given on the command line.
+pub fn settings(
+    config: Option<&Path>,
+    namespace_labels: Option<&str>,
+    profile: &MeshProfile,
+) -> Result<(InjectorConfig, Option<Labels>)> {
+    let cfg = match config {
+        Some(path) => {
+            let loaded = load_config(path, profile)?;
+            for w in &loaded.warnings {
+                eprintln!("podwire: warning: {w}");
+            }
+            loaded.config
+        }
+        None => InjectorConfig::default(),
+    };
+    let labels = namespace_labels.map(parse_namespace_labels).transpose()?;
+    Ok((cfg, labels))
+}
+
+/// Where a document keeps its pod (template), by kind.
+fn template_pointer(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some(""),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => Some("/spec/template"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+/// A pod or pod template found in a document.
+#[derive(Debug)]
+pub struct Target {
+    pub kind: String,
+    pub namespace: String,
+    /// The object's name (a Pod's `generateName` prefix + `<generated>` when it has no name).
+    pub name: String,
+    /// JSON pointer of the pod (template) inside the document (`""` for a Pod).
+    pub pointer: String,
+    pub plan: Plan,
+}
+
+impl Target {
+    /// `Deployment shop/web`.
+    pub fn display(&self) -> String {
+        format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Decide for every pod (template) in `doc`; `prefix` locates `doc` in its document (for `kind:
+/// List` items). Only the pod's own metadata counts: a Deployment's labels and annotations are
+/// not its pods'.
+pub fn targets(
+    doc: &Yaml,
+    prefix: &str,
+    cfg: &InjectorConfig,
+    labels: Option<&Labels>,
+    profile: &MeshProfile,
+) -> Result<Vec<Target>> {
+    let kind = doc.get("kind").and_then(Yaml::as_str).unwrap_or("");
+    if kind == "List" {
+        let mut out = Vec::new();
+        if let Some(items) = doc.get("items").and_then(Yaml::as_sequence) {
+            for (i, item) in items.iter().enumerate() {
+                out.extend(targets(
+                    item,
+                    &format!("{prefix}/items/{i}"),
+                    cfg,
+                    labels,
+                    profile,
+                )?);
+            }
+        }
+        return Ok(out);
+    }
+    let Some(pointer) = template_pointer(kind) else {
+        return Ok(Vec::new());
+    };
+    let meta = |f: &str| {
+        doc.get("metadata")
+            .and_then(|m| m.get(f))
+            .and_then(Yaml::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let namespace = match meta("namespace") {
+        ns if ns.is_empty() => "default".to_string(),
+        ns => ns,
+    };
+    let name = match (meta("name"), meta("generateName")) {
+        (n, _) if !n.is_empty() => n,
+        (_, g) => format!("{g}<generated>"),
+    };
+    let json = serde_json::to_value(doc)
+        .map_err(|e| anyhow!("{kind} {namespace}/{name}: not representable as JSON: {e}"))?;
+    let pod = json.pointer(pointer).ok_or_else(|| {
+        anyhow!(
+            "{kind} {namespace}/{name} has no pod template at {}",
+            pointer.trim_start_matches('/').replace('/', ".")
+        )
+    })?;
+    let plan = plan(pod, Some(&namespace), labels, cfg, profile)
+        .map_err(|e| anyhow!("{kind} {namespace}/{name}: {e}"))?;
+    Ok(vec![Target {
+        kind: kind.to_string(),
+        namespace,
+        name,
+        pointer: format!("{prefix}{pointer}"),
+        plan,
+    }])
+}
+
+/// Apply the webhook's patch to the pod at `base` inside `doc`, as the API server would, keeping
+/// the document's key order.
+pub fn apply(doc: &mut Yaml, base: &str, ops: &[PatchOp]) -> Result<()> {
+    for op in ops {
+        let full = format!("{base}{}", op.path);
+        let tokens: Vec<String> = full
+            .strip_prefix('/')
+            .unwrap_or(&full)
+            .split('/')
+            .map(unescape_token)
+            .collect();
+        let Some((last, parents)) = tokens.split_last() else {
+            bail!("empty patch path");
+        };
+        let mut cur = &mut *doc;
+        for t in parents {
+            cur = match cur {
+                Yaml::Mapping(m) => m.get_mut(t.as_str()),
+                Yaml::Sequence(s) => t.parse::<usize>().ok().and_then(|i| s.get_mut(i)),
+                _ => None,
+            }
+            .ok_or_else(|| anyhow!("patch path {full}: {t:?} does not exist"))?;
+        }
+        let value: Yaml = serde_yaml_ng::to_value(&op.value)?;
+        match cur {
+            Yaml::Mapping(m) => {
+                m.insert(Yaml::String(last.clone()), value);
+            }
+            Yaml::Sequence(s) if last == "-" => s.push(value),
+            _ => bail!("patch path {full}: parent is not a mapping or list"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! The injector's configuration: Istio's sidecar-injector keys (`policy`,
+//! `alwaysInjectSelector`, `neverInjectSelector`, `injectedAnnotations`) plus podwire's own
+//! (`namespaceSelector`, `ignoredNamespaces`, `proxy`). The binaries read it from YAML; this
+//! module only types and checks it.
+
+use super::quantity::Quantity;
+use super::selector::LabelSelector;
+use crate::error::{Error, Result};
+use crate::MeshProfile;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Image used when the config names none (Istio's proxy, pinned so injection is reproducible).
+pub const DEFAULT_PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.24.2";
+
+/// Namespaces never injected, whatever the config says (the Kubernetes system namespaces and
+/// kind's storage provisioner): their pods must start even when the mesh is broken.
+pub const SYSTEM_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "local-path-storage",
+];
+
+/// Every top-level key podwire reads; anything else in the file is reported, not used.
+pub const KNOWN_KEYS: [&str; 7] = [
+    "policy",
+    "alwaysInjectSelector",
+    "neverInjectSelector",
+    "injectedAnnotations",
+    "namespaceSelector",
+    "ignoredNamespaces",
+    "proxy",
+];
+
+/// Keys of Istio's own injector config that podwire deliberately does not use.
+pub const ISTIO_TEMPLATE_KEYS: [&str; 4] = ["template", "templates", "defaultTemplates", "aliases"];
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectorConfig {
+    /// `enabled` (default) or `disabled`; anything else disables default injection.
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub always_inject_selector: Vec<LabelSelector>,
+    #[serde(default)]
+    pub never_inject_selector: Vec<LabelSelector>,
+    /// Added to every injected pod (overwriting the pod's own value, as Istio does).
+    #[serde(default)]
+    pub injected_annotations: BTreeMap<String, String>,
+    /// The webhook's namespaceSelector; default: `matchLabels: {istio-injection: enabled}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Never injected, on top of [`SYSTEM_NAMESPACES`].
+    #[serde(default)]
+    pub ignored_namespaces: Vec<String>,
+    #[serde(default)]
+    pub proxy: ProxyTemplate,
+}
+
+/// The default injection policy. Kept as written when unrecognized so messages can quote it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Policy {
+    #[default]
+    Enabled,
+    Disabled,
+    Unrecognized(String),
+}
+
+impl Policy {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Policy::Enabled => "enabled",
+            Policy::Disabled => "disabled",
+            Policy::Unrecognized(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        // Exact match, as Istio compares: `Enabled` or `on` are unrecognized.
+        Ok(match String::deserialize(d)?.as_str() {
+            "enabled" => Policy::Enabled,
+            "disabled" => Policy::Disabled,
+            other => Policy::Unrecognized(other.to_string()),
+        })
+    }
+}
+
+impl Serialize for Policy {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The proxy container the injector adds. Unset fields follow the mesh profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTemplate {
+    /// Container name (default: the profile's, `istio-proxy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default = "default_ports")]
+    pub ports: Vec<ContainerPort>,
+    /// runAsUser / runAsGroup of the proxy (default: the profile's, 1337); the CNI plugin
+    /// exempts this uid/gid from redirection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Taken as a whole when given (so limits can be left out on purpose).
+    #[serde(default = "default_resources")]
+    pub resources: Resources,
+}
+
+impl Default for ProxyTemplate {
+    fn default() -> Self {
+        ProxyTemplate {
+            name: None,
+            image: None,
+            image_pull_policy: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            ports: default_ports(),
+            uid: None,
+            gid: None,
+            resources: default_resources(),
+        }
+    }
+}
+
+/// Istio's sidecar exposes its Prometheus endpoint on 15090.
+fn default_ports() -> Vec<ContainerPort> {
+    vec![ContainerPort {
+        name: Some("http-envoy-prom".into()),
+        container_port: 15090,
+        protocol: Some("TCP".into()),
+    }]
+}
+
+/// Istio's defaults for the sidecar.
+fn default_resources() -> Resources {
+    let map = |cpu: &str, mem: &str| {
+        BTreeMap::from([
+            ("cpu".to_string(), cpu.to_string()),
+            ("memory".to_string(), mem.to_string()),
+        ])
+    };
+    Resources {
+        requests: map("100m", "128Mi"),
+        limits: map("2000m", "1024Mi"),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Passed through as written (fieldRef, secretKeyRef, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+impl InjectorConfig {
+    /// The webhook's namespaceSelector (opt-in on the profile's namespace label by default).
+    pub fn namespace_selector(&self, profile: &MeshProfile) -> LabelSelector {
+        self.namespace_selector
+            .clone()
+            .unwrap_or_else(|| LabelSelector::match_label(profile.namespace_label, "enabled"))
+    }
+
+    /// Why `namespace` is never injected, if it is not.
+    pub fn ignored_namespace(&self, namespace: &str) -> Option<&'static str> {
+        if SYSTEM_NAMESPACES.contains(&namespace) {
+            Some("is never injected")
+        } else if self.ignored_namespaces.iter().any(|n| n == namespace) {
+            Some("is never injected (ignoredNamespaces)")
+        } else {
+            None
+        }
+    }
+
+    pub fn proxy_name<'a>(&'a self, profile: &'a MeshProfile) -> &'a str {
+        self.proxy
+            .name
+            .as_deref()
+            .unwrap_or(profile.proxy_container)
+    }
+
+    pub fn proxy_image(&self) -> &str {
+        self.proxy.image.as_deref().unwrap_or(DEFAULT_PROXY_IMAGE)
+    }
+
+    /// (uid, gid); without a gid the group follows the uid, as the plugin assumes.
+    pub fn proxy_ids(&self, profile: &MeshProfile) -> (u32, u32) {
+        match (self.proxy.uid, self.proxy.gid) {
+            (Some(u), Some(g)) => (u, g),
+            (Some(u), None) => (u, u),
+            (None, Some(g)) => (profile.proxy_uid, g),
+            (None, None) => (profile.proxy_uid, profile.proxy_gid),
+        }
+    }
+
+    /// Everything a loaded file must satisfy; the first problem found, naming its field.
+    pub fn validate(&self, profile: &MeshProfile) -> Result<()> {
+        let err = |field: String, reason: String| Error::InvalidConfig { field, reason };
+        for (list, name) in [
+            (&self.always_inject_selector, "alwaysInjectSelector"),
+            (&self.never_inject_selector, "neverInjectSelector"),
+        ] {
+            for (i, sel) in list.iter().enumerate() {
+                sel.validate(&format!("{name}[{i}]"))?;
+            }
+        }
+        if let Some(sel) = &self.namespace_selector {
+            sel.validate("namespaceSelector")?;
+        }
+        for k in self.injected_annotations.keys() {
+            if k.is_empty() || k.len() > 316 || k.chars().any(|c| c.is_whitespace()) {
+                return Err(err(
+                    "injectedAnnotations".into(),
+                    format!("{k:?} is not an annotation key"),
+                ));
+            }
+            if k == profile.status_key {
+                return Err(err(
+                    "injectedAnnotations".into(),
+                    format!("{k} is written by the injector itself"),
+                ));
+            }
+        }
+        let name = self.proxy_name(profile);
+        if !is_dns_label(name) {
+            return Err(err(
+                "proxy.name".into(),
+                format!("{name:?} is not a container name (DNS label: a-z 0-9 -, at most 63)"),
+            ));
+        }
+        if self.proxy_image().trim().is_empty() {
+            return Err(err("proxy.image".into(), "must not be empty".into()));
+        }
+        for (field, id) in [("proxy.uid", self.proxy.uid), ("proxy.gid", self.proxy.gid)] {
+            match id {
+                Some(0) => {
+                    return Err(err(
+                        field.into(),
+                        "0 (root) would exempt every root process from redirection".into(),
+                    ))
+                }
+                Some(u32::MAX) => return Err(err(field.into(), "out of range".into())),
+                _ => {}
+            }
+        }
+        for (i, p) in self.proxy.ports.iter().enumerate() {
+            if p.container_port == 0 {
+                return Err(err(
+                    format!("proxy.ports[{i}].containerPort"),
+                    "must be 1-65535".into(),
+                ));
+            }
+        }
+        for (kind, map) in [
+            ("requests", &self.proxy.resources.requests),
+            ("limits", &self.proxy.resources.limits),
+        ] {
+            for (res, q) in map {
+                Quantity::parse(q).map_err(|reason| {
+                    err(
+                        format!("proxy.resources.{kind}.{res}"),
+                        format!("{q:?}: {reason}"),
+                    )
+                })?;
+            }
+        }
+        for res in ["cpu", "memory"] {
+            let r = &self.proxy.resources;
+            if let (Some(req), Some(lim)) = (r.requests.get(res), r.limits.get(res)) {
+                let (Ok(rq), Ok(lq)) = (Quantity::parse(req), Quantity::parse(lim)) else {
+                    continue;
+                };
+                if rq.cmp_value(&lq).is_gt() {
+                    return Err(err(
+                        format!("proxy.resources.requests.{res}"),
+                        format!("{req} is more than the limit {lim}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Valid but probably not meant: said once when the config is loaded.
+    pub fn warnings(&self, profile: &MeshProfile) -> Vec<String> {
+        let mut w = Vec::new();
+        let name = self.proxy_name(profile);
+        if name != profile.proxy_container {
+            w.push(format!(
+                "proxy.name {name:?}: the CNI plugin only redirects pods with a {} container, so \
+                 injected pods will not be redirected",
+                profile.proxy_container
+            ));
+        }
+        if let Policy::Unrecognized(p) = &self.policy {
+            w.push(format!(
+                "policy {p:?} is not recognized (enabled|disabled): pods are injected only when \
+                 they ask for it (sidecar.istio.io/inject: \"true\") or match alwaysInjectSelector"
+            ));
+        }
+        w
+    }
+
+    /// Top-level keys of a config file that podwire does not read, with why, for a warning.
+    pub fn unknown_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        keys.into_iter()
+            .filter(|k| !KNOWN_KEYS.contains(k))
+            .map(|k| {
+                if ISTIO_TEMPLATE_KEYS.contains(&k) {
+                    format!("config key {k:?} ignored: podwire adds only the proxy container (see `proxy`)")
+                } else {
+                    format!("config key {k:?} is unknown and ignored (known: {})", KNOWN_KEYS.join(", "))
+                }
+            })
+            .collect()
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_profile() {
+        let p = MeshProfile::istio();
+        let cfg = InjectorConfig::default();
+        assert_eq!(cfg.policy, Policy::Enabled);
+        assert_eq!(cfg.proxy_name(&p), "istio-proxy");
+        assert_eq!(cfg.proxy_ids(&p), (1337, 1337));
+        assert_eq!(
+            cfg.namespace_selector(&p).to_string(),
+            "istio-injection=enabled"
+        );
+        assert_eq!(cfg.validate(&p), Ok(()));
+    }
+
+    #[test]
+    fn reads_istio_keys_from_json() {
+        let cfg: InjectorConfig = serde_json::from_value(serde_json::json!({
+            "policy": "disabled",
+            "neverInjectSelector": [{"matchExpressions": [{"key": "openshift.io/build.name", "operator": "Exists"}]}],
+            "alwaysInjectSelector": [{"matchLabels": {"mesh": "yes"}}],
+            "injectedAnnotations": {"example.com/team": "a"},
+            "proxy": {"uid": 2000, "resources": {"requests": {"cpu": "10m"}}}
+        }))
+        .expect("config");
+        let p = MeshProfile::istio();
+        assert_eq!(cfg.policy, Policy::Disabled);
+        assert_eq!(cfg.proxy_ids(&p), (2000, 2000));
+        assert!(cfg.proxy.resources.limits.is_empty());
+        assert_eq!(cfg.proxy.ports, default_ports());
+        assert_eq!(cfg.validate(&p), Ok(()));
+        let odd: InjectorConfig =
+            serde_json::from_value(serde_json::json!({"policy": "Enabled"})).expect("config");
+        assert_eq!(odd.policy, Policy::Unrecognized("Enabled".into()));
+    }
+
+    #[test]
+    fn refuses_bad_values_naming_the_field() {
+        let p = MeshProfile::istio();
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (serde_json::json!({"proxy": {"uid": 0}}), "proxy.uid"),
+            (
+                serde_json::json!({"proxy": {"name": "Istio_Proxy"}}),
+                "proxy.name",
+            ),
+            (
+                serde_json::json!({"proxy": {"resources": {"limits": {"cpu": "2 cores"}}}}),
+                "proxy.resources.limits.cpu",
+            ),
+            (
+                serde_json::json!({"alwaysInjectSelector": [{"matchExpressions": [{"key": "a", "operator": "In"}]}]}),
+                "alwaysInjectSelector[0].matchExpressions[0]",
+            ),
+            (
+                serde_json::json!({"injectedAnnotations": {"sidecar.istio.io/status": "x"}}),
+                "injectedAnnotations",
+            ),
+        ];
+        for (v, field) in cases {
+            let cfg: InjectorConfig = serde_json::from_value(v).expect("shape");
+            match cfg.validate(&p) {
+                Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reports_unknown_keys() {
+        let w = InjectorConfig::unknown_keys(["policy", "template", "polcy"]);
+        assert_eq!(w.len(), 2);
+        assert!(w[0].contains("only the proxy container"));
+        assert!(w[1].contains("\"polcy\" is unknown"));
+    }
+}

@@ -1,0 +1,260 @@
+//! Golden files for the injection patch, plus what every injected pod must satisfy.
+//! Inputs: tests/fixtures/inject/NAME.pod.json (and NAME.config.json when the default config
+//! is not the point). `UPDATE_GOLDEN=1 cargo test -p podwire-core --test inject_patch`
+//! rewrites tests/golden/inject/NAME.patch.json; review the diff.
+
+use podwire_core::inject::{apply_patch, plan, InjectorConfig, PatchOp, Step};
+use podwire_core::{mesh_decision, Error, MeshProfile, PodInfo, RedirectSpec};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+fn dir(sub: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(sub)
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn config(name: &str) -> InjectorConfig {
+    let path = dir("tests/fixtures/inject").join(format!("{name}.config.json"));
+    if !path.exists() {
+        return InjectorConfig::default();
+    }
+    let cfg: InjectorConfig = serde_json::from_value(read_json(&path)).expect("config shape");
+    cfg.validate(&MeshProfile::istio()).expect("valid config");
+    cfg
+}
+
+fn cases() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir("tests/fixtures/inject"))
+        .expect("fixtures")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".pod.json").map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "fixtures missing: {names:?}");
+    names
+}
+
+/// The patch for a fixture, as the webhook computes it (request namespace `shop`).
+fn patch_for(pod: &Value, cfg: &InjectorConfig) -> Vec<PatchOp> {
+    let p = plan(pod, Some("shop"), None, cfg, &MeshProfile::istio()).expect("readable pod");
+    assert!(p.decision.inject, "{:?}", p.decision);
+    p.patch.expect("accepted")
+}
+
+#[test]
+fn patches_match_golden_files() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failed = Vec::new();
+    for name in cases() {
+        let pod = read_json(&dir("tests/fixtures/inject").join(format!("{name}.pod.json")));
+        let got = serde_json::to_value(patch_for(&pod, &config(&name))).expect("json");
+        let golden = dir("tests/golden/inject").join(format!("{name}.patch.json"));
+        if update {
+            let text = serde_json::to_string_pretty(&got).expect("json") + "\n";
+            std::fs::write(&golden, text).expect("write golden");
+            continue;
+        }
+        // Compared as JSON values: key order is not part of the contract.
+        if !golden.exists() || read_json(&golden) != got {
+            failed.push(format!(
+                "{name}: got\n{}",
+                serde_json::to_string_pretty(&got).unwrap_or_default()
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "golden mismatch (UPDATE_GOLDEN=1 to rewrite):\n{}",
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn every_injected_pod_is_a_restricted_mesh_pod_and_injection_is_idempotent() {
+    let p = MeshProfile::istio();
+    for name in cases() {
+        let cfg = config(&name);
+        let mut pod = read_json(&dir("tests/fixtures/inject").join(format!("{name}.pod.json")));
+        let ops = patch_for(&pod, &cfg);
+        apply_patch(&mut pod, &ops).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        // Only the proxy container was added; no init container, no volume.
+        let containers = pod["spec"]["containers"].as_array().expect("containers");
+        let proxy = containers.last().expect("proxy");
+        assert_eq!(proxy["name"], json!("istio-proxy"), "{name}");
+        assert!(pod["spec"].get("initContainers").is_none(), "{name}");
+        assert!(pod["spec"].get("volumes").is_none(), "{name}");
+
+        // Pod Security "restricted", field by field.
+        let sc = &proxy["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], json!(false), "{name}");
+        assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}), "{name}");
+        assert_eq!(sc["runAsNonRoot"], json!(true), "{name}");
+        assert_eq!(sc["readOnlyRootFilesystem"], json!(true), "{name}");
+        assert_eq!(
+            sc["seccompProfile"],
+            json!({"type": "RuntimeDefault"}),
+            "{name}"
+        );
+        assert_ne!(sc["runAsUser"], json!(0), "{name}");
+        assert!(!proxy.to_string().contains("NET_ADMIN"), "{name}");
+
+        // The CNI plugin sees a mesh pod and accepts every annotation the injector wrote.
+        let mut info: PodInfo = podwire_core::inject::patch::read_pod(&pod).expect("pod");
+        info.metadata.namespace = "shop".into();
+        assert!(
+            mesh_decision(&info, &p, &[]).is_redirect(),
+            "{name}: {:?}",
+            mesh_decision(&info, &p, &[])
+        );
+        let spec = RedirectSpec::from_pod(&info, &p).expect("plugin accepts the annotations");
+        let (uid, gid) = cfg.proxy_ids(&p);
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (uid, gid), "{name}");
+
+        // A second pass adds nothing.
+        let again = plan(&pod, Some("shop"), None, &cfg, &p).expect("pod");
+        assert_eq!(again.decision.step, Step::AlreadyInjected, "{name}");
+        assert_eq!(again.patch, Ok(Vec::new()), "{name}");
+    }
+}
+
+#[test]
+fn annotation_keys_are_escaped_in_paths() {
+    let pod = read_json(&dir("tests/fixtures/inject/generate-name.pod.json"));
+    let ops = patch_for(&pod, &InjectorConfig::default());
+    let paths: Vec<&str> = ops.iter().map(|o| o.path.as_str()).collect();
+    assert!(
+        paths.contains(&"/metadata/annotations/sidecar.istio.io~1status"),
+        "{paths:?}"
+    );
+    assert!(
+        paths
+            .iter()
+            .all(|p| p.matches('/').count() == 3 || *p == "/spec/containers/-"),
+        "{paths:?}"
+    );
+    // `~` and `/` in a key the injector writes.
+    let pod_c = read_json(&dir("tests/fixtures/inject/custom-config.pod.json"));
+    let ops_c = patch_for(&pod_c, &config("custom-config"));
+    assert!(
+        ops_c
+            .iter()
+            .any(|o| o.path == "/metadata/annotations/example.com~1a~0b"),
+        "{ops_c:?}"
+    );
+    let mut patched_c = pod_c.clone();
+    apply_patch(&mut patched_c, &ops_c).expect("applies");
+    assert_eq!(
+        patched_c["metadata"]["annotations"]["example.com/a~b"],
+        json!("tilde")
+    );
+    // The pod's own ~ and / keys are untouched.
+    let mut patched = pod.clone();
+    apply_patch(&mut patched, &ops).expect("applies");
+    assert_eq!(
+        patched["metadata"]["annotations"]["example.com/owner~team"],
+        json!("payments")
+    );
+}
+
+#[test]
+fn a_pod_without_annotations_gets_the_whole_object() {
+    for name in ["minimal", "null-annotations"] {
+        let pod = read_json(&dir(&format!("tests/fixtures/inject/{name}.pod.json")));
+        let ops = patch_for(&pod, &InjectorConfig::default());
+        assert_eq!(ops.len(), 2, "{name}: {ops:?}");
+        assert_eq!(ops[1].path, "/metadata/annotations", "{name}");
+        assert!(
+            ops[1].value.get("sidecar.istio.io/status").is_some(),
+            "{name}"
+        );
+    }
+    // Not even metadata (a bare template): the whole metadata object.
+    let ops = patch_for(
+        &json!({"spec": {"containers": [{"name": "app"}]}}),
+        &InjectorConfig::default(),
+    );
+    assert_eq!(ops[1].path, "/metadata");
+}
+
+#[test]
+fn bad_annotations_are_refused_naming_key_and_value() {
+    let p = MeshProfile::istio();
+    let cfg = InjectorConfig::default();
+    for (key, value, why) in [
+        (
+            "traffic.sidecar.istio.io/excludeInboundPorts",
+            "80;reboot",
+            "not a port",
+        ),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "10.0.0.0/8 -j DROP",
+            "CIDR",
+        ),
+        ("sidecar.istio.io/proxyCPU", "two", "quantity"),
+        ("sidecar.istio.io/proxyMemory", "-1Gi", "negative"),
+        ("sidecar.istio.io/proxyMemory", "4Gi", "limit 1024Mi"),
+    ] {
+        let pod = json!({"metadata": {"name": "x", "annotations": {key: value}},
+                         "spec": {"containers": [{"name": "app"}]}});
+        let plan = plan(&pod, Some("shop"), None, &cfg, &p).expect("readable");
+        assert!(plan.decision.inject);
+        match plan.patch {
+            Err(e @ Error::InvalidAnnotation { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(key) && msg.contains(&format!("{value:?}")) && msg.contains(why),
+                    "{msg}"
+                );
+            }
+            other => panic!("{key}={value:?}: {other:?}"),
+        }
+    }
+    // Not injected: nothing to refuse (the plugin will never read it).
+    let pod = json!({"metadata": {"name": "x", "annotations": {
+        "sidecar.istio.io/inject": "false",
+        "traffic.sidecar.istio.io/excludeInboundPorts": "nope"}},
+        "spec": {"containers": [{"name": "app"}]}});
+    assert_eq!(
+        plan(&pod, None, None, &cfg, &p).expect("readable").patch,
+        Ok(vec![])
+    );
+}
+
+#[test]
+fn surprising_pods_get_warnings() {
+    let p = MeshProfile::istio();
+    let pod = json!({"metadata": {"name": "x", "annotations": {"sidecar.istio.io/interceptionMode": "TPROXY"}},
+                     "spec": {"containers": [{"name": "app", "securityContext": {"runAsUser": 1337}}]}});
+    let plan = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+    assert!(plan.patch.is_ok());
+    let w = plan.decision.warnings.join("\n");
+    assert!(w.contains("only programs REDIRECT"), "{w}");
+    assert!(w.contains("container app runs as uid 1337"), "{w}");
+}
+
+#[test]
+fn unreadable_objects_are_errors_not_panics() {
+    let p = MeshProfile::istio();
+    let cfg = InjectorConfig::default();
+    for v in [
+        json!(null),
+        json!("pod"),
+        json!([1]),
+        json!({"metadata": {"labels": {"version": 1}}}),
+        json!({"spec": {"containers": "app"}}),
+        json!({"spec": {"hostNetwork": "yes"}}),
+    ] {
+        match plan(&v, None, None, &cfg, &p) {
+            Err(Error::InvalidPod { reason }) => assert!(!reason.is_empty()),
+            other => panic!("{v}: {other:?}"),
+        }
+    }
+}
