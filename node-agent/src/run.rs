@@ -636,19 +636,25 @@ async fn plugin_credentials(
     server: String,
     period: Duration,
 ) {
-    let ca_file = token_file.with_file_name("ca.crt");
-    let kubeconfig = run_dir.join("kubeconfig");
-    let token_copy = run_dir.join("token");
-    let mut last: Option<Vec<u8>> = None;
+    // The plugin runs on the host: everything it reads must be in the run dir (a hostPath),
+    // not in this container's service-account mount.
+    let ca_src = token_file.with_file_name("ca.crt");
+    let (kubeconfig, token_copy, ca_copy) = (
+        run_dir.join("kubeconfig"),
+        run_dir.join("token"),
+        run_dir.join("ca.crt"),
+    );
+    let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
     loop {
-        match std::fs::read(&token_file) {
-            Ok(token) if last.as_ref() != Some(&token) => {
+        match (std::fs::read(&token_file), std::fs::read(&ca_src)) {
+            (Ok(token), Ok(ca)) if last.as_ref() != Some(&(token.clone(), ca.clone())) => {
                 let text = format!(
                     "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: podwire-cni\n  user:\n    tokenFile: {}\ncontexts:\n- name: podwire\n  context:\n    cluster: local\n    user: podwire-cni\ncurrent-context: podwire\n",
-                    ca_file.display(),
+                    ca_copy.display(),
                     token_copy.display()
                 );
-                let wrote = install::write_atomic(&token_copy, &token, 0o600)
+                let wrote = install::write_atomic(&ca_copy, &ca, 0o600)
+                    .and_then(|()| install::write_atomic(&token_copy, &token, 0o600))
                     .and_then(|()| install::write_atomic(&kubeconfig, text.as_bytes(), 0o600));
                 match wrote {
                     Ok(()) => {
@@ -656,16 +662,17 @@ async fn plugin_credentials(
                             "wrote the plugin's kubeconfig {} (token refreshed)",
                             kubeconfig.display()
                         );
-                        last = Some(token);
+                        last = Some((token, ca));
                     }
                     Err(e) => warn!("writing the plugin's kubeconfig: {e}"),
                 }
             }
-            Ok(_) => {}
-            Err(e) => warn!(
+            (Ok(_), Ok(_)) => {}
+            (Err(e), _) => warn!(
                 "reading the service-account token {}: {e}",
                 token_file.display()
             ),
+            (_, Err(e)) => warn!("reading the cluster CA {}: {e}", ca_src.display()),
         }
         tokio::time::sleep(period).await;
     }

@@ -50,8 +50,8 @@ fn start_agent(d: &Path) -> Agent {
         .arg("--state-dir")
         .arg(d.join("state"))
         .arg("--token-file")
-        .arg(d.join("no-token"))
-        .env("KUBECONFIG", d.join("kubeconfig"))
+        .arg(d.join("sa/token"))
+        .env("KUBECONFIG", d.join("admin.kubeconfig"))
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::null())
         .spawn()
@@ -128,8 +128,12 @@ fn plugin_and_agent_run_together_across_an_agent_restart() {
         r#"{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge"}]}"#,
     )
     .expect("conflist");
-    api.write_kubeconfig(&d.join("kubeconfig"), &api.token)
+    api.write_kubeconfig(&d.join("admin.kubeconfig"), &api.token)
         .expect("kubeconfig");
+    // The service-account mount the agent turns into the plugin's own credentials.
+    std::fs::create_dir_all(d.join("sa")).expect("mkdir");
+    std::fs::write(d.join("sa/token"), &api.token).expect("token");
+    std::fs::write(d.join("sa/ca.crt"), &api.ca_pem).expect("ca");
 
     let agent = start_agent(d);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -163,5 +167,37 @@ fn plugin_and_agent_run_together_across_an_agent_restart() {
     assert!(out.ok, "{out:?}");
     assert!(redirected(&ns3), "found through the agent's direct GET");
     assert!(api.count("GET", "/api/v1/namespaces/shop/pods/web3") >= 1);
+
+    // The agent is gone (crashed, or between two pods of an update): the plugin asks the API
+    // server itself with the kubeconfig the agent wrote into the run dir.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(d.join("net.d/10-bridge.conflist"))
+        .unwrap_or_default()
+        .contains("kubeconfig")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the chained entry never pointed at the plugin's kubeconfig: {}",
+            std::fs::read_to_string(d.join("net.d/10-bridge.conflist")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(agent);
+    api.put(
+        "/api/v1/namespaces/shop/pods/web4",
+        on_node("web4", "node-1"),
+    );
+    let ns4 = Netns::new("a").expect("netns");
+    let before = api.count("GET", "/api/v1/namespaces/shop/pods/web4");
+    let out = add(d, &ns4, "web4");
+    assert!(
+        out.ok,
+        "ADD with the agent down must use the plugin's kubeconfig: {out:?}"
+    );
+    assert!(redirected(&ns4));
+    assert_eq!(
+        api.count("GET", "/api/v1/namespaces/shop/pods/web4"),
+        before + 1,
+        "the plugin's own GET"
+    );
 }
