@@ -62,6 +62,44 @@ pub fn exec_plugin(bin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<C
     })
 }
 
+/// The CNI_* environment a runtime sets for one attachment (without CNI_PATH).
+pub fn cni_env(
+    command: &str,
+    container_id: &str,
+    netns: &Path,
+    cni_args: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("CNI_COMMAND", command.to_string()),
+        ("CNI_CONTAINERID", container_id.to_string()),
+        ("CNI_NETNS", netns.display().to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_ARGS", cni_args.to_string()),
+    ]
+}
+
+/// `CNI_ARGS` naming a Kubernetes pod, as kubelet passes them.
+pub fn pod_args(namespace: &str, name: &str) -> String {
+    format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"
+    )
+}
+
+/// Run the workspace's podwire-cni exactly as a runtime does, for one attachment on eth0.
+pub fn run_podwire(
+    command: &str,
+    container_id: &str,
+    netns: &Path,
+    cni_args: &str,
+    stdin: &[u8],
+) -> Result<CniOutcome> {
+    exec_plugin(
+        &crate::bins::workspace_bin("podwire-cni"),
+        &cni_env(command, container_id, netns, cni_args),
+        stdin,
+    )
+}
+
 /// Who is being attached.
 #[derive(Debug, Clone)]
 pub struct Attachment<'a> {
@@ -89,14 +127,12 @@ impl Chain {
 
     fn env(&self, command: &str, a: &Attachment) -> Vec<(&'static str, String)> {
         let cni_path = std::env::join_paths(&self.paths).unwrap_or_default();
-        vec![
-            ("CNI_COMMAND", command.to_string()),
-            ("CNI_CONTAINERID", a.container_id.to_string()),
-            ("CNI_NETNS", a.netns.display().to_string()),
-            ("CNI_IFNAME", a.ifname.to_string()),
-            ("CNI_ARGS", a.cni_args.clone()),
-            ("CNI_PATH", cni_path.to_string_lossy().into_owned()),
-        ]
+        let mut env = cni_env(command, a.container_id, a.netns, &a.cni_args);
+        if let Some(ifname) = env.iter_mut().find(|(k, _)| *k == "CNI_IFNAME") {
+            ifname.1 = a.ifname.to_string();
+        }
+        env.push(("CNI_PATH", cni_path.to_string_lossy().into_owned()));
+        env
     }
 
     fn stdin_for(&self, plugin: &Value, prev: Option<&Value>) -> Vec<u8> {

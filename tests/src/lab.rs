@@ -69,6 +69,31 @@ pub fn pod_manifest(
            "spec": {"containers": containers}})
 }
 
+/// Wait until something accepts connections on the Unix socket at `path`.
+pub fn wait_for_socket(path: &Path, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing answers on {} after {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Ask the agent on `socket` the way the plugin does; true when it knows the pod.
+pub fn agent_knows(socket: &Path, namespace: &str, name: &str) -> Result<bool> {
+    let mut s = UnixStream::connect(socket)?;
+    writeln!(
+        s,
+        "{}",
+        json!({"v": 1, "namespace": namespace, "name": name})
+    )?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.contains("\"found\""))
+}
+
 impl Lab {
     /// `extra` is merged into podwire's conflist entry.
     pub fn new(ipv6: bool, extra: Value) -> Result<Lab> {

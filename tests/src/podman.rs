@@ -12,7 +12,6 @@ use crate::Netns;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::fmt;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -276,15 +275,7 @@ impl PodmanLab {
 
     /// Ask the agent the way the plugin does; true when it knows the pod.
     pub fn agent_knows(&self, namespace: &str, name: &str) -> Result<bool> {
-        let mut s = UnixStream::connect(self.socket())?;
-        writeln!(
-            s,
-            "{}",
-            json!({"v": 1, "namespace": namespace, "name": name})
-        )?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line)?;
-        Ok(line.contains("\"found\""))
+        crate::lab::agent_knows(&self.socket(), namespace, name)
     }
 
     /// `podman <global isolation flags> args...`, run from inside the node namespace, killed

@@ -4,11 +4,10 @@
 
 use podwire_lab::apiserver::ApiServer;
 use podwire_lab::bins::workspace_bin;
-use podwire_lab::chain::exec_plugin;
-use podwire_lab::lab::pod_manifest;
+use podwire_lab::chain::{pod_args, run_podwire};
+use podwire_lab::lab::{pod_manifest, wait_for_socket};
 use podwire_lab::{require_root, Netns};
 use serde_json::json;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,12 +55,9 @@ fn start_agent(d: &Path) -> Agent {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn agent");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(d.join("agent.sock")).is_err() {
-        assert!(Instant::now() < deadline, "agent socket did not appear");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Agent(child)
+    let agent = Agent(child);
+    wait_for_socket(&d.join("agent.sock"), Duration::from_secs(10)).expect("agent socket");
+    agent
 }
 
 fn add(d: &Path, ns: &Netns, pod: &str) -> podwire_lab::CniOutcome {
@@ -76,19 +72,11 @@ fn add(d: &Path, ns: &Netns, pod: &str) -> podwire_lab::CniOutcome {
     entry["name"] = conflist["name"].clone();
     entry["stateDir"] = json!(d.join("state").display().to_string());
     entry["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]});
-    let env = vec![
-        ("CNI_COMMAND", "ADD".to_string()),
-        ("CNI_CONTAINERID", ns.name.clone()),
-        ("CNI_NETNS", ns.path().display().to_string()),
-        ("CNI_IFNAME", "eth0".to_string()),
-        (
-            "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"),
-        ),
-    ];
-    exec_plugin(
-        &workspace_bin("podwire-cni"),
-        &env,
+    run_podwire(
+        "ADD",
+        &ns.name,
+        &ns.path(),
+        &pod_args("shop", pod),
         entry.to_string().as_bytes(),
     )
     .expect("exec")

@@ -2,8 +2,7 @@
 //! TLS verified against the kubeconfig's CA, with the kubeconfig's bearer token.
 
 use podwire_lab::apiserver::ApiServer;
-use podwire_lab::bins::workspace_bin;
-use podwire_lab::chain::exec_plugin;
+use podwire_lab::chain::{pod_args, run_podwire};
 use podwire_lab::lab::pod_manifest;
 use podwire_lab::{require_root, Netns};
 use serde_json::{json, Value};
@@ -19,19 +18,11 @@ fn add(
         "kubeconfig": kubeconfig.display().to_string(),
         "stateDir": state.display().to_string(), "logLevel": "warn",
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]}});
-    let env = vec![
-        ("CNI_COMMAND", "ADD".to_string()),
-        ("CNI_CONTAINERID", ns.name.clone()),
-        ("CNI_NETNS", ns.path().display().to_string()),
-        ("CNI_IFNAME", "eth0".to_string()),
-        (
-            "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"),
-        ),
-    ];
-    exec_plugin(
-        &workspace_bin("podwire-cni"),
-        &env,
+    run_podwire(
+        "ADD",
+        &ns.name,
+        &ns.path(),
+        &pod_args("shop", pod),
         conf.to_string().as_bytes(),
     )
     .expect("exec")

@@ -3,7 +3,7 @@
 //! when the netns is gone, CHECK that notices missing rules, VERSION/STATUS/GC.
 
 use podwire_lab::bins::workspace_bin;
-use podwire_lab::chain::{exec_plugin, CniOutcome};
+use podwire_lab::chain::{exec_plugin, pod_args, run_podwire, CniOutcome};
 use podwire_lab::lab::{pod_manifest, Lab};
 use podwire_lab::{require_root, Netns};
 use serde_json::{json, Value};
@@ -26,17 +26,14 @@ fn conf(lab: &Lab, extra: Value) -> String {
 }
 
 fn run(command: &str, netns: &str, pod: &str, stdin: &str) -> CniOutcome {
-    let env = vec![
-        ("CNI_COMMAND", command.to_string()),
-        ("CNI_CONTAINERID", format!("c-{pod}")),
-        ("CNI_NETNS", netns.to_string()),
-        ("CNI_IFNAME", "eth0".to_string()),
-        (
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
-        ),
-    ];
-    exec_plugin(&workspace_bin("podwire-cni"), &env, stdin.as_bytes()).expect("exec podwire-cni")
+    run_podwire(
+        command,
+        &format!("c-{pod}"),
+        std::path::Path::new(netns),
+        &pod_args("default", pod),
+        stdin.as_bytes(),
+    )
+    .expect("exec podwire-cni")
 }
 
 fn error_of(out: &CniOutcome) -> (u64, String) {
@@ -231,21 +228,18 @@ fn agent_unreachable_fails_closed_or_open_as_configured() {
     assert_eq!(out.stdout.trim(), PREV);
     assert!(!has_istio(&ns));
     // Excluded namespaces never need the agent: system pods start while it is down.
-    let env = vec![
-        ("CNI_COMMAND", "ADD".to_string()),
-        ("CNI_CONTAINERID", "sys".to_string()),
-        ("CNI_NETNS", path.clone()),
-        ("CNI_IFNAME", "eth0".to_string()),
-        (
-            "CNI_ARGS",
-            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1".to_string(),
-        ),
-    ];
     let stdin = conf(
         &lab,
         json!({"agentSocket": "/run/podwire-test-no-agent.sock"}),
     );
-    let out = exec_plugin(&workspace_bin("podwire-cni"), &env, stdin.as_bytes()).expect("exec");
+    let out = run_podwire(
+        "ADD",
+        "sys",
+        ns.path().as_path(),
+        &pod_args("kube-system", "coredns-1"),
+        stdin.as_bytes(),
+    )
+    .expect("exec");
     assert!(
         out.ok,
         "kube-system pod must start without the agent: {out:?}"

@@ -1,7 +1,7 @@
 //! A full node: 110 pods ADDed at the same moment all succeed, with no xtables lock errors.
 
 use podwire_lab::bins::workspace_bin;
-use podwire_lab::chain::exec_plugin;
+use podwire_lab::chain::{cni_env, exec_plugin, pod_args};
 use podwire_lab::lab::{pod_manifest, Lab};
 use podwire_lab::{require_root, Netns};
 use serde_json::json;
@@ -34,16 +34,12 @@ fn a_full_node_of_concurrent_adds_succeeds() {
             .map(|(i, ns)| {
                 let (barrier, plugin, conf) = (&barrier, &plugin, &conf);
                 s.spawn(move || {
-                    let env = vec![
-                        ("CNI_COMMAND", "ADD".to_string()),
-                        ("CNI_CONTAINERID", format!("scale{i}")),
-                        ("CNI_NETNS", ns.path().display().to_string()),
-                        ("CNI_IFNAME", "eth0".to_string()),
-                        (
-                            "CNI_ARGS",
-                            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=scale-{i}"),
-                        ),
-                    ];
+                    let env = cni_env(
+                        "ADD",
+                        &format!("scale{i}"),
+                        &ns.path(),
+                        &pod_args("default", &format!("scale-{i}")),
+                    );
                     barrier.wait();
                     let out = exec_plugin(plugin, &env, conf.as_bytes()).expect("exec");
                     (!out.ok).then(|| format!("pod {i}: {} {}", out.stdout, out.stderr))
