@@ -39,16 +39,17 @@ fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let read = std::io::stdin().take(MAX_STDIN).read_to_end(&mut stdin);
 
-    // Logging settings come from the config; a broken config still gets logged to stderr.
-    let (level, file) = config::NetConf::parse(&stdin)
-        .map(|c| (c.log_level, c.log_file))
-        .unwrap_or((tracing::Level::INFO, None));
-    logging::init(level, file.as_deref());
+    // Parsed once: logging settings come from it, and a broken config still gets logged.
+    let conf = config::NetConf::parse(&stdin);
+    match &conf {
+        Ok(c) => logging::init(c.log_level, c.log_file.as_deref()),
+        Err(_) => logging::init(tracing::Level::INFO, None),
+    }
 
     let result = match read {
         Err(e) => Err(error::PluginError::Io(format!("cannot read stdin: {e}"))),
         Ok(_) => env::CniEnv::from_lookup(|k| std::env::var(k).ok())
-            .and_then(|e| plugin::run(&e, &stdin)),
+            .and_then(|e| plugin::run(&e, conf, &stdin)),
     };
     let mut out = std::io::stdout().lock();
     match result {

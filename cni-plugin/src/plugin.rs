@@ -14,16 +14,10 @@ use podwire_core::{Family, MeshProfile, PodInfo, RedirectSpec};
 use std::path::Path;
 use tracing::{debug, info, warn};
 
-/// Run one CNI command; `Ok(Some(s))` is printed on stdout.
-pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>> {
-    if env.command == Command::Version {
-        return Ok(Some(
-            serde_json::json!({"cniVersion": CNI_VERSION, "supportedVersions": SUPPORTED_VERSIONS})
-                .to_string(),
-        ));
-    }
-    let conf = NetConf::parse(stdin)?;
-    let needs = |min: &str, verb: &str| -> Result<()> {
+/// Run one CNI command; `Ok(Some(s))` is printed on stdout. `conf` is the network config
+/// parsed from `stdin` (VERSION answers even when it is broken).
+pub fn run(env: &CniEnv, conf: Result<NetConf>, stdin: &[u8]) -> Result<Option<String>> {
+    let needs = |conf: &NetConf, min: &str, verb: &str| -> Result<()> {
         if version_lt(&conf.cni_version, min) {
             return Err(PluginError::IncompatibleVersion {
                 version: conf.cni_version.clone(),
@@ -33,28 +27,28 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<String>> {
         Ok(())
     };
     match env.command {
-        Command::Add => add(env, &conf),
-        Command::Del => del(env, &conf).map(|()| None),
+        Command::Version => Ok(Some(
+            serde_json::json!({"cniVersion": CNI_VERSION, "supportedVersions": SUPPORTED_VERSIONS})
+                .to_string(),
+        )),
+        Command::Add => add(env, &conf?),
+        Command::Del => del(env, &conf?).map(|()| None),
         Command::Check => {
-            needs("0.4.0", "CHECK")?;
+            let conf = conf?;
+            needs(&conf, "0.4.0", "CHECK")?;
             check(env, &conf).map(|()| None)
         }
         Command::Status => {
-            needs("1.1.0", "STATUS")?;
+            let conf = conf?;
+            needs(&conf, "1.1.0", "STATUS")?;
             status(&conf).map(|()| None)
         }
         Command::Gc => {
-            needs("1.1.0", "GC")?;
+            let conf = conf?;
+            needs(&conf, "1.1.0", "GC")?;
             gc(&conf, stdin).map(|()| None)
         }
-        Command::Version => unreachable_version(),
     }
-}
-
-fn unreachable_version() -> Result<Option<String>> {
-    Err(PluginError::Io(
-        "VERSION is answered before the config is read".into(),
-    ))
 }
 
 fn version_lt(a: &str, b: &str) -> bool {
