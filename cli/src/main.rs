@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod doctor;
 mod explain;
 mod inject;
 mod manifest;
@@ -41,6 +42,13 @@ enum Cmd {
     /// (Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob).
     /// Other documents are written back unchanged.
     Inject(inject::Args),
+    /// Diagnose sidecar injection in a cluster: one check per cause in Istio's "Sidecar
+    /// Injection Problems" page (and the mesh injection guide), each pass / fail / could not
+    /// check, with the evidence and the fix.
+    ///
+    /// Reads the cluster through the Kubernetes API (KUBECONFIG, ~/.kube/config, in-cluster,
+    /// or --kubeconfig); changes nothing.
+    Doctor(doctor::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +57,8 @@ fn main() -> ExitCode {
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Explain(args) => explain::run(&args),
         Cmd::Inject(args) => inject::run(&args),
+        // doctor has its own exit codes (1 = a check failed, 2 = usage).
+        Cmd::Doctor(args) => return doctor::main(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -59,7 +59,7 @@ pub fn settings(
 }
 
 /// Where a document keeps its pod (template), by kind.
-fn template_pointer(kind: &str) -> Option<&'static str> {
+pub fn template_pointer(kind: &str) -> Option<&'static str> {
     match kind {
         "Pod" => Some(""),
         "Deployment"

@@ -58,6 +58,11 @@ impl Quantity {
         &self.text
     }
 
+    /// The value in base units (cores, bytes): `100m` → 0.1, `128Mi` → 134217728.
+    pub fn value(&self) -> f64 {
+        self.value
+    }
+
     /// Compare by value (`1Gi` == `1073741824`, `500m` < `1`).
     pub fn cmp_value(&self, other: &Quantity) -> Ordering {
         self.value.total_cmp(&other.value)
