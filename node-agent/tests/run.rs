@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_podwire-agent");
+/// The agent under test; `PODWIRE_AGENT_BIN` picks another build (e.g. release, for the memory figure).
+fn agent_bin() -> String {
+    std::env::var("PODWIRE_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_podwire-agent").to_string())
+}
 const NODE: &str = "node-1";
 const CALICO: &str = r#"{"name":"k8s-pod-network","cniVersion":"0.3.1","plugins":[{"type":"calico"},{"type":"portmap"}]}"#;
 
@@ -81,7 +85,7 @@ fn start(api: &ApiServer, extra: &[&str], setup: impl FnOnce(&Path)) -> Agent {
         .expect("kubeconfig");
     setup(d);
     let port = free_port();
-    let child = Command::new(AGENT)
+    let child = Command::new(agent_bin())
         .arg("run")
         .args([
             "--node-name",
@@ -306,6 +310,29 @@ fn run_serves_this_nodes_pods_reports_status_and_survives_the_api_server() {
     eventually("ready again", Duration::from_secs(15), || {
         http(a.port, "/readyz").0 == 200
     });
+
+    // A slow API server (answers after 7 s, past the heartbeat's 5 s timeout): not ready, and
+    // cached look-ups stay fast.
+    api.delay_ms
+        .store(7000, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "not ready while the API server is slow",
+        Duration::from_secs(20),
+        || http(a.port, "/readyz").0 == 503,
+    );
+    let started = Instant::now();
+    assert_eq!(lookup(&a, "shop", "web"), "found");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a cached look-up must not wait for the API server: {:?}",
+        started.elapsed()
+    );
+    api.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "ready once the API server is fast again",
+        Duration::from_secs(20),
+        || http(a.port, "/readyz").0 == 200,
+    );
 
     let (_, m) = http(a.port, "/metrics");
     assert!(
