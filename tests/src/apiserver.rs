@@ -1,7 +1,8 @@
 //! An in-process HTTPS server speaking the Kubernetes API's HTTP/JSON for what podwire calls:
 //! get, list (with `fieldSelector`), watch (chunked event stream from a `resourceVersion`,
 //! `410 Gone` once compacted), create, merge / strategic-merge patch (status subresource
-//! too), delete with preconditions. Its own CA and bearer token, on 127.0.0.1, so the real
+//! too; a `metadata.resourceVersion` in the patch is checked, `409 Conflict` when stale),
+//! delete with preconditions. Its own CA and bearer token, on 127.0.0.1, so the real
 //! clients (kube-rs, the plugin's ureq+rustls) are tested against a real TLS peer.
 
 use anyhow::{Context, Result};
@@ -381,6 +382,13 @@ impl ApiServer {
                 let Ok(patch) = serde_json::from_slice::<Value>(&req.body) else {
                     return (400, status(400, "BadRequest", "patch is not JSON"));
                 };
+                // A resourceVersion in the patch is a precondition, as on a real API server
+                // (optimistic concurrency: Lease renewals, read-modify-write).
+                if let Some(rv) = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+                    if field(&obj, "metadata.resourceVersion") != rv {
+                        return (409, status(409, "Conflict", &format!("Operation cannot be fulfilled on {kind} \"{path}\": the object has been modified; please apply your changes to the latest version and try again")));
+                    }
+                }
                 let strategic = req.content_type.contains("strategic-merge-patch");
                 if !strategic && !req.content_type.contains("merge-patch") {
                     return (415, status(415, "UnsupportedMediaType", &req.content_type));

@@ -200,6 +200,24 @@ fn install_keeps_its_contracts() {
         Some(true)
     );
     assert!(!c["readinessProbe"].is_null() && !c["livenessProbe"].is_null());
+    let mut args = strings(&c["args"]);
+    args.push("--help".into());
+    let out = Command::new(workspace_bin("podwire-injector"))
+        .args(&args)
+        .output()
+        .expect("run injector");
+    assert!(
+        out.status.success(),
+        "podwire-injector rejects the Deployment's args {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = c["ports"][0]["containerPort"].as_u64().expect("port");
+    assert!(
+        strings(&c["args"])
+            .iter()
+            .any(|a| a.ends_with(&format!(":{port}"))),
+        "--listen must match containerPort {port}"
+    );
     find(&docs, "PodDisruptionBudget", "podwire-injector");
     find(&docs, "Service", "podwire-injector");
 

@@ -2,16 +2,28 @@
 //! `podwire_core::inject`; this crate reads AdmissionReviews and config files and answers.
 //!
 //! [`review`] is the whole webhook as a pure function: `podwire-injector review` is a thin
-//! wrapper around it, and so is the HTTPS `POST /inject` handler.
+//! wrapper around it, and so is the HTTPS `POST /inject` handler ([`serve`]).
+//!
+//! `podwire-injector serve` is made of: [`serve`] (hyper 1 + tokio-rustls, HTTP/1.1: `/inject`,
+//! `/healthz`, `/readyz`, `/metrics`, body limit and timeouts), [`tls`] (the hot-swapped serving
+//! certificate, from files or the Secret), [`certs`] (the self-managed CA and serving
+//! certificate: creation and rotation rules), [`selfmanaged`] (Lease, Secret, caBundle patch
+//! through `kube`), [`namespaces`] (namespace labels from a watch) and [`metrics`].
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod certs;
 pub mod config;
+pub mod metrics;
+pub mod namespaces;
 pub mod review;
+pub mod selfmanaged;
+pub mod serve;
+pub mod tls;
 
 pub use admission::{AdmissionResponse, AdmissionReview, Status};
 pub use config::{load_config, parse_config, parse_namespace_labels, LoadedConfig};
-pub use review::{review, review_detailed, Outcome, Reviewed};
+pub use review::{review, review_detailed, review_resolving, Outcome, Reviewed};
 
 use thiserror::Error;
 
@@ -38,4 +50,11 @@ pub enum Error {
     },
     #[error("--namespace-labels: {0}")]
     NamespaceLabels(String),
+    #[error("{what}: {reason}")]
+    Tls { what: String, reason: String },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+    /// A Kubernetes API call failed; `what` says which and what it was for.
+    #[error("{what}: {message}")]
+    Kube { what: String, message: String },
 }

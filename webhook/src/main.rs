@@ -1,7 +1,7 @@
 //! `podwire-injector`: the injection webhook.
 //!
 //! `review` answers one AdmissionReview from stdin exactly as `POST /inject` does; `serve`
-//! (HTTPS) will be another subcommand around the same `podwire_injector::review_detailed`.
+//! is the HTTPS webhook around the same `podwire_injector::review_resolving`.
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
@@ -11,6 +11,11 @@ use podwire_injector::{load_config, parse_namespace_labels, review_detailed, Loa
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// podwire-injector: adds only the proxy container (no init container, no NET_ADMIN) and the
 /// annotations the podwire CNI plugin reads.
@@ -29,6 +34,100 @@ enum Cmd {
     /// Read one AdmissionReview (admission.k8s.io/v1) on stdin and write the AdmissionReview
     /// that `POST /inject` would answer on stdout.
     Review(ReviewArgs),
+    /// Serve the webhook over HTTPS: POST /inject (AdmissionReview v1), GET /healthz,
+    /// /readyz, /metrics.
+    ///
+    /// TLS either from files (--tls-cert/--tls-key, e.g. cert-manager; reloaded when they
+    /// change) or self-managed: one replica, elected through a Lease, keeps a CA and a serving
+    /// certificate in a Secret, rotates them before they expire and keeps the caBundle of the
+    /// MutatingWebhookConfiguration patched; every replica serves the Secret's certificate and
+    /// reloads it without dropping connections.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Injector config file (same as for `review`).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Address to listen on (HTTPS).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15017")]
+    listen: std::net::SocketAddr,
+    /// Serving certificate chain (PEM, leaf first), e.g. from cert-manager. With --tls-key;
+    /// without both, TLS is self-managed through the Secret below.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Namespace of the injector's Secret, Lease and Service (self-managed TLS).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "podwire-system")]
+    namespace: String,
+    /// Secret (type kubernetes.io/tls) holding the CA and serving certificate (self-managed TLS).
+    #[arg(long, default_value = "podwire-injector-tls")]
+    secret: String,
+    /// MutatingWebhookConfiguration whose webhooks' caBundle is kept patched (self-managed TLS).
+    #[arg(long, value_name = "NAME", default_value = "podwire-sidecar-injector")]
+    webhook_config: String,
+    /// Service in front of the injector: the certificate's DNS names (self-managed TLS).
+    #[arg(long, default_value = "podwire-injector")]
+    service: String,
+    /// Lease electing the replica that creates and rotates the certificates.
+    #[arg(long, default_value = "podwire-injector-leader")]
+    lease: String,
+    /// This replica's name in the Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Validity of the self-managed serving certificate (s, m, h, d); it is renewed after
+    /// 2/3 of it.
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
+    cert_validity: Duration,
+    /// Renew the serving certificate this long after it was issued (default: 2/3 of
+    /// --cert-validity).
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    cert_renew_after: Option<Duration>,
+    /// Validity of the self-managed CA (default: 10 x --cert-validity); renewed after 2/3.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    ca_validity: Option<Duration>,
+    /// Lease duration; the leader renews it every third of it.
+    #[arg(long, hide = true, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How often the leader re-checks the Secret and caBundle besides reacting to changes.
+    #[arg(long, hide = true, default_value = "30s", value_parser = parse_duration)]
+    reconcile_interval: Duration,
+    /// How often certificate files are re-read even without a change notification.
+    #[arg(long, hide = true, default_value = "30s", value_parser = parse_duration)]
+    cert_poll_interval: Duration,
+    /// Do not watch namespaces: the namespaceSelector is then only applied by the API server.
+    #[arg(long)]
+    no_namespace_watch: bool,
+    /// Largest AdmissionReview accepted; larger ones get 413.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Time for a request (TLS handshake, headers, body) to arrive.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    request_timeout: Duration,
+}
+
+/// `500ms`, `10s`, `5m`, `12h`, `365d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m, 12h or 365d"))?;
+    let secs = |m: u64| Ok(Duration::from_secs(n.saturating_mul(m)));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => Err(format!(
+            "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,6 +152,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Cmd::Review(args) => run_review(&args),
+        Cmd::Serve(args) => run_serve(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,4 +196,160 @@ fn run_review(args: &ReviewArgs) -> Result<()> {
         .write_all(&out)
         .context("writing the answer to stdout")?;
     Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn kube_client(self_managed: bool) -> Result<kube::Client> {
+    let why = if self_managed {
+        "self-managed TLS (no --tls-cert/--tls-key) keeps its certificate in a Secret"
+    } else {
+        "the namespace watch needs it; --no-namespace-watch runs without"
+    };
+    let config = kube::Config::infer().await.with_context(|| {
+        format!("loading the Kubernetes client configuration (in-cluster or KUBECONFIG): {why}")
+    })?;
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: no new connections, finishing open ones");
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    use podwire_injector::{metrics::Metrics, namespaces, serve, tls};
+    let profile = MeshProfile::istio();
+    let cfg = config(&args.config, &profile)?;
+    let metrics = Arc::new(Metrics::default());
+    let certs = Arc::new(tls::CertStore::new(metrics.clone()));
+    let self_managed = args.tls_cert.is_none();
+    let renew_after = args
+        .cert_renew_after
+        .unwrap_or(args.cert_validity.mul_f64(2.0 / 3.0));
+    let ca_validity = args.ca_validity.unwrap_or(args.cert_validity * 10);
+    anyhow::ensure!(
+        args.cert_validity >= Duration::from_secs(3) && renew_after < args.cert_validity,
+        "--cert-validity must be at least 3s, and the renewal ({renew_after:?}) come before it ends"
+    );
+    anyhow::ensure!(
+        ca_validity > args.cert_validity,
+        "the CA's validity ({ca_validity:?}) must be longer than --cert-validity"
+    );
+    anyhow::ensure!(
+        args.lease_duration >= Duration::from_secs(1),
+        "the lease duration must be at least 1s"
+    );
+    let files = match (args.tls_cert.clone(), args.tls_key.clone()) {
+        (Some(cert), Some(key)) => {
+            let files = tls::CertFiles { cert, key };
+            certs.install(files.load()?);
+            Some(files)
+        }
+        _ => None,
+    };
+    let client = if self_managed || !args.no_namespace_watch {
+        Some(kube_client(self_managed).await?)
+    } else {
+        None
+    };
+    let mut tasks = Vec::new();
+    let mut lease = None;
+    if let Some(files) = files {
+        files.spawn_reloader(certs.clone(), args.cert_poll_interval)?;
+    } else if let Some(client) = client.clone() {
+        let settings = podwire_injector::selfmanaged::Settings {
+            namespace: args.namespace.clone(),
+            secret: args.secret.clone(),
+            webhook_config: args.webhook_config.clone(),
+            service: args.service.clone(),
+            lease: args.lease.clone(),
+            identity: args.identity.clone().unwrap_or_else(default_identity),
+            cert_validity: args.cert_validity,
+            cert_renew_after: renew_after,
+            ca_validity,
+            lease_duration: args.lease_duration,
+            reconcile_interval: args.reconcile_interval,
+        };
+        tasks.extend(podwire_injector::selfmanaged::spawn(
+            client.clone(),
+            settings.clone(),
+            certs.clone(),
+        ));
+        lease = Some((client, settings));
+    }
+    let ns_labels = match (&client, args.no_namespace_watch) {
+        (Some(client), false) => {
+            let store = Arc::new(namespaces::NamespaceLabels::default());
+            tasks.push(tokio::spawn(namespaces::watch(
+                client.clone(),
+                store.clone(),
+                metrics.clone(),
+            )));
+            Some(store)
+        }
+        _ => None,
+    };
+    let state = Arc::new(serve::State {
+        config: cfg.config,
+        profile,
+        namespaces: ns_labels,
+        metrics,
+        certs,
+        limits: serve::Limits {
+            max_body_bytes: args.max_body_bytes,
+            request_timeout: args.request_timeout,
+            ..Default::default()
+        },
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(
+        "serving https://{}/inject",
+        listener.local_addr().unwrap_or(args.listen)
+    );
+    serve::serve(listener, state, shutdown_signal()).await?;
+    for t in tasks {
+        t.abort();
+    }
+    if let Some((client, settings)) = lease {
+        let release = podwire_injector::selfmanaged::release(&client, &settings);
+        match tokio::time::timeout(Duration::from_secs(2), release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e} (another replica takes over once it expires)"),
+            Err(_) => tracing::warn!(
+                "releasing the Lease timed out (another replica takes over once it expires)"
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn default_identity() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("podwire-injector-{}", std::process::id()))
 }

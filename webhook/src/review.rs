@@ -77,6 +77,18 @@ pub fn review_detailed(
     namespace_labels: Option<&Labels>,
     profile: &MeshProfile,
 ) -> Reviewed {
+    review_resolving(req_json, cfg, &|_| namespace_labels.cloned(), profile)
+}
+
+/// [`review_detailed`] for a server that knows many namespaces: `labels_of(namespace)` gives
+/// the labels of the request's namespace when known (a namespace watch), `None` otherwise
+/// (then the namespaceSelector is left to the API server, as `review` does with no labels).
+pub fn review_resolving(
+    req_json: &[u8],
+    cfg: &InjectorConfig,
+    labels_of: &dyn Fn(&str) -> Option<Labels>,
+    profile: &MeshProfile,
+) -> Reviewed {
     let req = match read_request(req_json) {
         Ok(r) => r,
         Err((uid, message)) => {
@@ -90,11 +102,14 @@ pub fn review_detailed(
         }
     };
     let dry_run = req.dry_run.unwrap_or(false);
-    let who = format!(
-        "{} {}",
-        req.kind.display(),
-        object_name(&req.namespace, &req.name, req.object.as_ref())
-    );
+    // Only built for messages (not on the hot path of a pod creation).
+    let who = || {
+        format!(
+            "{} {}",
+            req.kind.display(),
+            object_name(&req.namespace, &req.name, req.object.as_ref())
+        )
+    };
     let allow_unchanged = |warnings: Vec<String>, summary: String| {
         finish(
             AdmissionResponse {
@@ -111,21 +126,22 @@ pub fn review_detailed(
     };
     if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         let msg = format!(
-            "the injector only mutates Pods; {who} was not changed (check the webhook's rules)"
+            "the injector only mutates Pods; {} was not changed (check the webhook's rules)",
+            who()
         );
         return allow_unchanged(vec![msg.clone()], msg);
     }
     if !req.sub_resource.is_empty() {
         return allow_unchanged(
             Vec::new(),
-            format!("{who}: subresource {} ignored", req.sub_resource),
+            format!("{}: subresource {} ignored", who(), req.sub_resource),
         );
     }
     // Containers cannot be added after creation; only CREATE is ever mutated.
     if req.operation != "CREATE" {
         return allow_unchanged(
             Vec::new(),
-            format!("{who}: operation {} ignored", req.operation),
+            format!("{}: operation {} ignored", who(), req.operation),
         );
     }
     let Some(object) = req.object.as_ref() else {
@@ -134,12 +150,18 @@ pub fn review_detailed(
             deny(req.uid.clone(), 400, "BadRequest", &msg, Vec::new()),
             Outcome::Malformed,
             None,
-            format!("{who}: {msg}"),
+            format!("{}: {msg}", who()),
             dry_run,
         );
     };
     let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
-    let plan = match plan(object, ns, namespace_labels, cfg, profile) {
+    let namespace_labels = labels_of(ns.unwrap_or_else(|| {
+        object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }));
+    let plan = match plan(object, ns, namespace_labels.as_ref(), cfg, profile) {
         Ok(p) => p,
         Err(e) => {
             let msg = e.to_string();
@@ -147,7 +169,7 @@ pub fn review_detailed(
                 deny(req.uid.clone(), 400, "BadRequest", &msg, Vec::new()),
                 Outcome::Malformed,
                 None,
-                format!("{who}: {msg}"),
+                format!("{}: {msg}", who()),
                 dry_run,
             );
         }

@@ -1,0 +1,421 @@
+//! `cargo bench -p podwire-injector --bench throughput`: the injector (the release binary,
+//! `serve` with certificate files) against a bare HTTPS server on the same stack (hyper 1 +
+//! tokio-rustls, same certificate) that only parses the AdmissionReview and answers
+//! "allowed"; same client (ureq + rustls, keep-alive), same run.
+//!
+//! Reports: throughput of both and the ratio (target >= 0.8), p50/p99 at a fixed request rate,
+//! and the injector's peak resident memory under load (target <= 30 MiB).
+//! Knobs (env): BENCH_SECONDS (default 5), BENCH_CLIENTS (default 8), BENCH_RATE (default 500/s).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use podwire_injector::certs::{issue, new_ca, Policy};
+use podwire_injector::AdmissionReview;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BARE_ENV: &str = "PODWIRE_BENCH_BARE_SERVER";
+
+// The bare server gets the injector's allocator: the comparison is about the work, not malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    if let Ok(args) = std::env::var(BARE_ENV) {
+        bare_server(&args);
+        return;
+    }
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let secs: u64 = env_or("BENCH_SECONDS", 5);
+    let clients: usize = env_or("BENCH_CLIENTS", 8);
+    let rate: u64 = env_or("BENCH_RATE", 500);
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = write_cert(dir.path());
+    let body = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/controller-pod.json"),
+    )
+    .expect("fixture");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config.yaml");
+
+    // The work the injector adds per request, in process (no TLS, no HTTP).
+    let cfg = podwire_injector::load_config(&config, &podwire_core::MeshProfile::istio())
+        .expect("config")
+        .config;
+    let profile = podwire_core::MeshProfile::istio();
+    let (n, t) = (20_000u32, Instant::now());
+    for _ in 0..n {
+        let r = podwire_injector::review_resolving(&body, &cfg, &|_| None, &profile);
+        std::hint::black_box(serde_json::to_vec(&r.review).expect("json"));
+    }
+    let review_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    let t = Instant::now();
+    for _ in 0..n {
+        let r: AdmissionReview = serde_json::from_slice(&body).expect("parse");
+        std::hint::black_box(r);
+    }
+    let parse_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    println!("in process: review + encode {review_us:.1} us/request; parse only (the bare server's work) {parse_us:.1} us");
+
+    let bare_addr = free_port();
+    let bare = Server(
+        Command::new(std::env::current_exe().expect("self"))
+            .env(
+                BARE_ENV,
+                format!(
+                    "{bare_addr} {} {}",
+                    dir.path().join("tls.crt").display(),
+                    dir.path().join("tls.key").display()
+                ),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("bare server"),
+    );
+    let inj_addr = free_port();
+    let inj = Server(
+        Command::new(env!("CARGO_BIN_EXE_podwire-injector"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--listen", &inj_addr.to_string(), "--no-namespace-watch"])
+            .arg("--tls-cert")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.path().join("tls.key"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("injector"),
+    );
+    let agent = client(&ca);
+    for addr in [bare_addr, inj_addr] {
+        wait_up(&agent, addr, &body);
+    }
+    println!(
+        "webhook throughput: {clients} keep-alive clients, {secs}s per run, body {} bytes (controller-pod.json)",
+        body.len()
+    );
+    // Rounds alternate which server goes first; each round's ratio compares neighbours in
+    // time (the machine may be shared), and the median round is reported.
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    let mut ratios = Vec::new();
+    let mut peak_rss = 0u64;
+    for round in 0..rounds {
+        let mut rps = [0f64; 2];
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, addr, pid) = if i == 0 {
+                ("bare", bare_addr, bare.0.id())
+            } else {
+                ("injector", inj_addr, inj.0.id())
+            };
+            let (r, rss, cpu_us) = throughput(&ca, addr, &body, clients, secs, pid);
+            if i == 1 {
+                peak_rss = peak_rss.max(rss);
+            }
+            rps[i] = r;
+            println!("  round {round}: {name:9} {r:9.0} req/s, server CPU {cpu_us:5.1} us/request");
+        }
+        ratios.push(rps[1] / rps[0]);
+    }
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let ratio = sorted[sorted.len() / 2];
+    println!(
+        "throughput ratio injector/bare: median {ratio:.2} over rounds {:?} (target >= 0.80: {})",
+        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>(),
+        if ratio >= 0.8 { "met" } else { "NOT met" }
+    );
+    for (name, addr) in [("bare", bare_addr), ("injector", inj_addr)] {
+        let pid = (name == "injector").then(|| inj.0.id());
+        let (p50, p99, n, rss) = fixed_rate(&ca, addr, &body, rate, secs, pid);
+        peak_rss = peak_rss.max(rss);
+        println!(
+            "latency at {rate} req/s: {name:9} p50 {:7.1} us  p99 {:7.1} us  ({n} requests)",
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
+    }
+    let mib = peak_rss as f64 / 1024.0;
+    println!(
+        "injector peak resident memory under load: {mib:.1} MiB (target <= 30 MiB: {})",
+        if mib <= 30.0 { "met" } else { "NOT met" }
+    );
+    drop(bare);
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+}
+
+fn write_cert(dir: &Path) -> String {
+    let policy = Policy {
+        dns_names: vec!["127.0.0.1".into()],
+        cert_validity: Duration::from_secs(3600),
+        cert_renew_after: Duration::from_secs(2400),
+        ca_validity: Duration::from_secs(86400),
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (ca, ca_key) = new_ca(&policy, now).expect("CA");
+    let (crt, key) = issue(&policy, &ca, &ca_key, now).expect("cert");
+    std::fs::write(dir.join("tls.crt"), crt).expect("write");
+    std::fs::write(dir.join("tls.key"), key).expect("write");
+    ca
+}
+
+fn client(ca_pem: &str) -> ureq::Agent {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c.expect("PEM")).expect("CA");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    ureq::AgentBuilder::new()
+        .tls_config(Arc::new(tls))
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> bool {
+    agent
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_bytes(body)
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .is_some_and(|b| b.contains("\"allowed\":true"))
+}
+
+fn wait_up(agent: &ureq::Agent, addr: SocketAddr, body: &[u8]) {
+    let start = Instant::now();
+    while !post(agent, &format!("https://{addr}/inject"), body) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{addr} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Closed loop: `clients` threads posting as fast as answers come. (req/s, peak RSS KiB).
+fn throughput(
+    ca: &str,
+    addr: SocketAddr,
+    body: &[u8],
+    clients: usize,
+    secs: u64,
+    pid: u32,
+) -> (f64, u64, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let url = format!("https://{addr}/inject");
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (stop, done, url, body, agent) = (
+                stop.clone(),
+                done.clone(),
+                url.clone(),
+                body.to_vec(),
+                client(ca),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(post(&agent, &url, &body), "request failed");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500)); // warm-up
+    let (n0, t0, cpu0) = (done.load(Ordering::Relaxed), Instant::now(), cpu_ticks(pid));
+    let mut rss = 0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(100));
+        rss = rss.max(rss_kib(pid));
+    }
+    let n = done.load(Ordering::Relaxed) - n0;
+    let cpu = cpu_ticks(pid) - cpu0;
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("client");
+    }
+    // Clock ticks are 1/100 s on Linux.
+    let cpu_us = cpu as f64 * 10_000.0 / n.max(1) as f64;
+    (n as f64 / took.as_secs_f64(), rss, cpu_us)
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            // Fields 14 and 15 of stat; `after` starts at field 3.
+            Some(after.get(11)?.parse::<u64>().ok()? + after.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Open loop at `rate` req/s over 4 keep-alive connections: (p50, p99, requests, peak RSS).
+fn fixed_rate(
+    ca: &str,
+    addr: SocketAddr,
+    body: &[u8],
+    rate: u64,
+    secs: u64,
+    pid: Option<u32>,
+) -> (Duration, Duration, usize, u64) {
+    let conns = 4u64;
+    let url = format!("https://{addr}/inject");
+    let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let threads: Vec<_> = (0..conns)
+        .map(|i| {
+            let (url, body, agent) = (url.clone(), body.to_vec(), client(ca));
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let start = Instant::now() + interval.mul_f64(i as f64 / conns as f64);
+                let mut next = start;
+                while next < start + Duration::from_secs(secs) {
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    // Measured from the scheduled send time: no coordinated omission.
+                    assert!(post(&agent, &url, &body), "request failed");
+                    lat.push(Instant::now().saturating_duration_since(next));
+                    next += interval;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut rss = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(p) = pid {
+            rss = rss.max(rss_kib(p));
+        }
+    }
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("client"))
+        .collect();
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    (pct(0.50), pct(0.99), all.len(), rss)
+}
+
+/// The baseline: same hyper/tokio-rustls stack and certificate; parses the AdmissionReview
+/// and answers "allowed". Multi-threaded runtime, like the injector.
+fn bare_server(args: &str) {
+    let mut parts = args.split(' ');
+    let (addr, cert, key) = (
+        parts.next().expect("addr").to_string(),
+        parts.next().expect("cert").to_string(),
+        parts.next().expect("key").to_string(),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let certs: Vec<_> =
+            rustls_pemfile::certs(&mut std::fs::read(&cert).expect("cert").as_slice())
+                .collect::<Result<_, _>>()
+                .expect("certs");
+        let key = rustls_pemfile::private_key(&mut std::fs::read(&key).expect("key").as_slice())
+            .expect("key")
+            .expect("key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("cert");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let uid = serde_json::from_slice::<AdmissionReview>(&body)
+                            .ok()
+                            .and_then(|r| r.request)
+                            .map(|r| r.uid)
+                            .unwrap_or_default();
+                        let answer = AdmissionReview::answer(podwire_injector::AdmissionResponse {
+                            uid,
+                            allowed: true,
+                            ..Default::default()
+                        });
+                        let out = serde_json::to_vec(&answer).unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            out,
+                        ))))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+}

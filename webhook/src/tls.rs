@@ -1,0 +1,321 @@
+//! The serving certificate, hot-swappable: a rustls [`ResolvesServerCert`] whose current
+//! [`CertifiedKey`] is replaced atomically, so handshakes in flight and connections already
+//! open never fail while the certificate is rotated. The certificate comes from PEM files
+//! (reloaded when they change: cert-manager, a mounted Secret) or from the self-managed Secret.
+
+use crate::metrics::Metrics;
+use crate::Error;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// A parsed serving certificate: chain, key, and the leaf's validity.
+#[derive(Debug, Clone)]
+pub struct ServingCert {
+    pub key: Arc<CertifiedKey>,
+    /// Seconds since the epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// The PEM it was read from, to tell a change from a re-write of the same thing.
+    pub pem: Vec<u8>,
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parse a PEM chain (leaf first) and its PEM private key.
+pub fn parse_serving_cert(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    origin: &str,
+) -> Result<ServingCert, Error> {
+    let bad = |reason: String| Error::Tls {
+        what: format!("loading the serving certificate from {origin}"),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(format!("the certificate PEM is unreadable: {e}")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(bad("no CERTIFICATE block in the certificate PEM".into()));
+    };
+    let (not_before, not_after) = validity(leaf).map_err(bad)?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| bad(format!("the key PEM is unreadable: {e}")))?
+        .ok_or_else(|| bad("no PRIVATE KEY block in the key PEM".into()))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        bad(format!(
+            "the key does not fit the certificate or is not supported: {e}"
+        ))
+    })?;
+    let mut pem = cert_pem.to_vec();
+    pem.extend_from_slice(key_pem);
+    Ok(ServingCert {
+        key: Arc::new(certified),
+        not_before,
+        not_after,
+        pem,
+    })
+}
+
+/// The current serving certificate, shared by every connection.
+#[derive(Debug, Default)]
+pub struct CertStore {
+    current: RwLock<Option<ServingCert>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl CertStore {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        CertStore {
+            current: RwLock::default(),
+            metrics,
+        }
+    }
+
+    /// Install `cert` unless it is the one already served; true when it changed.
+    pub fn install(&self, cert: ServingCert) -> bool {
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if cur.as_ref().is_some_and(|c| c.pem == cert.pem) {
+            return false;
+        }
+        self.metrics.cert_loaded(cert.not_after);
+        tracing::info!(
+            not_after = cert.not_after,
+            "serving certificate loaded (new connections use it from now on)"
+        );
+        *cur = Some(cert);
+        true
+    }
+
+    /// The served certificate's notAfter, if one is loaded.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.not_after)
+    }
+
+    /// Ready to serve: a certificate is loaded and not expired.
+    pub fn valid_now(&self) -> bool {
+        self.not_after().is_some_and(|na| na > now_unix())
+    }
+
+    pub fn current_leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|c| c.key.cert.first().cloned())
+    }
+
+    /// A rustls server config answering with whatever certificate is current at handshake.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, Error> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls {
+                what: "building the TLS server config".into(),
+                reason: e.to_string(),
+            })?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.key.clone())
+    }
+}
+
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// (notBefore, notAfter) of a DER certificate, in seconds since the epoch.
+pub fn validity(cert: &[u8]) -> Result<(i64, i64), String> {
+    let err = |what: &str| format!("the certificate is not valid DER X.509 ({what})");
+    let (_, cert_body, _) = der_tlv(cert).ok_or_else(|| err("certificate"))?;
+    let (_, tbs, _) = der_tlv(cert_body).ok_or_else(|| err("tbsCertificate"))?;
+    let mut rest = tbs;
+    // [0] version (optional), serialNumber, signature, issuer, validity.
+    let (tag, _, r) = der_tlv(rest).ok_or_else(|| err("version"))?;
+    if tag == 0xa0 {
+        rest = r;
+    }
+    for what in ["serialNumber", "signature", "issuer"] {
+        let (_, _, r) = der_tlv(rest).ok_or_else(|| err(what))?;
+        rest = r;
+    }
+    let (_, validity, _) = der_tlv(rest).ok_or_else(|| err("validity"))?;
+    let (t1, nb, r) = der_tlv(validity).ok_or_else(|| err("notBefore"))?;
+    let (t2, na, _) = der_tlv(r).ok_or_else(|| err("notAfter"))?;
+    Ok((
+        der_time(t1, nb).ok_or_else(|| err("notBefore"))?,
+        der_time(t2, na).ok_or_else(|| err("notAfter"))?,
+    ))
+}
+
+/// The whole TLV of field `index` of a DER certificate's tbsCertificate, counting from
+/// serialNumber (0): signature 1, issuer 2, validity 3, subject 4, subjectPublicKeyInfo 5.
+pub fn tbs_field(cert: &[u8], index: usize) -> Option<Vec<u8>> {
+    let (_, cert_body, _) = der_tlv(cert)?;
+    let (_, tbs, _) = der_tlv(cert_body)?;
+    let mut rest = tbs;
+    let (tag, _, r) = der_tlv(rest)?;
+    if tag == 0xa0 {
+        rest = r;
+    }
+    for _ in 0..index {
+        rest = der_tlv(rest)?.2;
+    }
+    let (_, body, after) = der_tlv(rest)?;
+    let _ = body;
+    Some(rest[..rest.len() - after.len()].to_vec())
+}
+
+/// One DER TLV: (tag, contents, rest).
+fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)? as usize;
+    let (len, head) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let len = b
+            .get(2..2 + n)?
+            .iter()
+            .fold(0usize, |a, x| (a << 8) | *x as usize);
+        (len, 2 + n)
+    };
+    let body = b.get(head..head.checked_add(len)?)?;
+    Some((tag, body, &b[head + len..]))
+}
+
+/// UTCTime (0x17, YYMMDDHHMMSSZ) or GeneralizedTime (0x18, YYYYMMDDHHMMSSZ).
+fn der_time(tag: u8, v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy: i32 = s.get(0..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
+        }
+        0x18 => (s.get(0..4)?.parse().ok()?, s.get(4..)?),
+        _ => return None,
+    };
+    let n = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
+    let month = time::Month::try_from(n(0)?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, n(2)?).ok()?;
+    let t = time::Time::from_hms(n(4)?, n(6)?, n(8)?).ok()?;
+    Some(
+        time::PrimitiveDateTime::new(date, t)
+            .assume_utc()
+            .unix_timestamp(),
+    )
+}
+
+/// PEM files given on the command line (cert-manager, a mounted Secret): read now, and
+/// again whenever they change.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl CertFiles {
+    pub fn load(&self) -> Result<ServingCert, Error> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|error| Error::Io {
+                what: format!("reading {}", p.display()),
+                error,
+            })
+        };
+        parse_serving_cert(
+            &read(&self.cert)?,
+            &read(&self.key)?,
+            &format!("{} and {}", self.cert.display(), self.key.display()),
+        )
+    }
+
+    /// Reload into `store` whenever the files (or the directories holding them: Kubernetes
+    /// swaps a `..data` symlink) change, and every `poll` in case an event was missed. A
+    /// broken pair is reported and the previous certificate kept.
+    pub fn spawn_reloader(self, store: Arc<CertStore>, poll: Duration) -> Result<(), Error> {
+        use notify::Watcher as _;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
+            let _ = tx.try_send(());
+        })
+        .map_err(|e| Error::Tls {
+            what: "watching the certificate files".into(),
+            reason: e.to_string(),
+        })?;
+        let mut dirs: Vec<PathBuf> = [&self.cert, &self.key]
+            .iter()
+            .map(|p| match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        dirs.dedup();
+        for d in &dirs {
+            watcher
+                .watch(d, notify::RecursiveMode::NonRecursive)
+                .map_err(|e| Error::Tls {
+                    what: format!("watching {} for certificate changes", d.display()),
+                    reason: e.to_string(),
+                })?;
+        }
+        tokio::spawn(async move {
+            let _keep = watcher;
+            loop {
+                let _ = tokio::time::timeout(poll, rx.recv()).await;
+                // Let a writer finish the pair (cert then key) before reading.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                match self.load() {
+                    Ok(cert) => {
+                        store.install(cert);
+                    }
+                    Err(e) => tracing::warn!("{e}; still serving the previous certificate"),
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_validity_from_der() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["a.example".to_string()]).expect("params");
+        // 2020-01-02T03:04:05Z (UTCTime) and 2051-06-07T08:09:10Z (GeneralizedTime).
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(1_577_934_245).expect("t");
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(2_569_738_150).expect("t");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let (nb, na) = validity(cert.der()).expect("validity");
+        assert_eq!(nb, 1_577_934_245);
+        assert_eq!(na, 2_569_738_150);
+        assert!(validity(b"\x30\x03\x02\x01").is_err());
+        assert!(validity(b"").is_err());
+    }
+}

@@ -1,0 +1,377 @@
+//! `podwire-injector serve` over HTTPS with a real TLS client (ureq + rustls), on
+//! AdmissionReviews shaped exactly as the API server sends them (tests/fixtures/*.json).
+
+mod common;
+
+use common::*;
+use podwire_lab::apiserver::ApiServer;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const FIXTURES: [&str; 11] = [
+    "controller-pod.json",
+    "inject-true.json",
+    "kube-system.json",
+    "hostnetwork-inject-true.json",
+    "already-injected.json",
+    "malformed.json",
+    "dry-run.json",
+    "deployment.json",
+    "update.json",
+    "bad-annotation.json",
+    "bad-quantity.json",
+];
+
+/// What `podwire-injector review --config tests/fixtures/config.yaml [extra]` answers.
+fn offline_review(name: &str, extra: &[&str]) -> Value {
+    offline_review_of(&fixture_bytes(name), extra)
+}
+
+fn offline_review_of(body: &[u8], extra: &[&str]) -> Value {
+    let config = fixture("config.yaml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_podwire-injector"))
+        .args(["review", "--config"])
+        .arg(&config)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn review");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body)
+        .expect("write");
+    let out = child.wait_with_output().expect("review");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("review answer")
+}
+
+fn external_tls(dir: &std::path::Path) -> (String, Vec<String>) {
+    let ca = write_cert(dir, "tls", Duration::from_secs(3600));
+    let args = vec![
+        "--tls-cert".to_string(),
+        dir.join("tls.crt").display().to_string(),
+        "--tls-key".to_string(),
+        dir.join("tls.key").display().to_string(),
+    ];
+    (ca, args)
+}
+
+#[test]
+fn https_answers_equal_the_offline_review_for_every_fixture() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, args) = external_tls(dir.path());
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("--no-namespace-watch");
+    let inj = start(&args, &[]);
+    let agent = client(&ca);
+    for name in FIXTURES {
+        let (code, body) = post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
+        assert_eq!(code, 200, "{name}: {body}");
+        let answer: Value = serde_json::from_str(&body).expect("JSON answer");
+        assert_eq!(answer, offline_review(name, &[]), "{name}");
+    }
+    // The cases the API server actually sends, spelled out.
+    let resp = |name: &str| -> Value {
+        let (_, body) = post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
+        serde_json::from_str::<Value>(&body).expect("JSON")["response"].clone()
+    };
+    let controller = resp("controller-pod.json");
+    assert_eq!(controller["allowed"], json!(true));
+    assert_eq!(controller["patchType"], json!("JSONPatch"));
+    assert!(resp("kube-system.json").get("patch").is_none());
+    let host = resp("hostnetwork-inject-true.json");
+    assert!(host.get("patch").is_none());
+    assert!(
+        host["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("hostNetwork"),
+        "{host}"
+    );
+    assert!(resp("already-injected.json").get("patch").is_none());
+    let bad = resp("malformed.json");
+    assert_eq!(bad["allowed"], json!(false));
+    assert_eq!(bad["status"]["code"], json!(400));
+}
+
+#[test]
+fn bad_requests_get_clean_answers_never_500() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, args) = external_tls(dir.path());
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend([
+        "--no-namespace-watch",
+        "--max-body-bytes",
+        "8192",
+        "--request-timeout",
+        "1s",
+    ]);
+    let inj = start(&args, &[]);
+    let agent = client(&ca);
+    let url = inj.url("/inject");
+
+    // Oversized, with a Content-Length: 413 with an AdmissionReview-shaped denial.
+    let mut big = fixture_bytes("controller-pod.json");
+    big.resize(20_000, b' ');
+    let (code, body) = post(&agent, &url, &big).expect("oversized");
+    assert_eq!(code, 413, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["kind"], json!("AdmissionReview"));
+    assert_eq!(v["response"]["allowed"], json!(false));
+    assert_eq!(v["response"]["status"]["code"], json!(413));
+    assert!(body.contains("--max-body-bytes"), "{body}");
+
+    // Oversized and chunked (no Content-Length): found while reading.
+    let r = agent
+        .post(&url)
+        .set("Content-Type", "application/json")
+        .send(std::io::Cursor::new(big.clone()));
+    let code = match r {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(e) => panic!("chunked oversized: {e}"),
+    };
+    assert_eq!(code, 413);
+
+    // Not JSON, empty, wrong kind: a denial inside a 200 (as `review`).
+    for b in [
+        &b"\x00\xffnot json"[..],
+        b"",
+        b"{\"kind\":\"Pod\"}",
+        b"[1,2",
+    ] {
+        let (code, body) = post(&agent, &url, b).expect("garbage");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["response"]["allowed"], json!(false), "{body}");
+    }
+
+    // A body that never arrives: 408 after --request-timeout, not a hung connection.
+    let mut s = raw_tls(inj.addr, &ca);
+    let answer = raw_exchange(
+        &mut s,
+        b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"api",
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"kind\":\"AdmissionReview\""), "{answer}");
+
+    // Wrong method and path.
+    assert_eq!(get(&agent, &url).expect("GET /inject").0, 405);
+    assert_eq!(get(&agent, &inj.url("/nope")).expect("404").0, 404);
+
+    // Plain HTTP and garbage on the TLS port do not hurt the server.
+    for junk in [
+        &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+        b"\x16\x03\x01\x00\x05hello",
+    ] {
+        let mut tcp = std::net::TcpStream::connect(inj.addr).expect("tcp");
+        let _ = tcp.write_all(junk);
+    }
+    let (code, _) = post(&agent, &url, &fixture_bytes("controller-pod.json")).expect("still up");
+    assert_eq!(code, 200);
+    let (_, m) = get(&agent, &inj.url("/metrics")).expect("metrics");
+    assert!(
+        metric(&m, "podwire_injector_requests_total{result=\"error\"}") >= 7.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn health_readiness_metrics_and_dry_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, args) = external_tls(dir.path());
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("--no-namespace-watch");
+    let inj = start(&args, &[]);
+    let agent = client(&ca);
+    assert_eq!(
+        get(&agent, &inj.url("/healthz")).expect("healthz"),
+        (200, "ok\n".into())
+    );
+    assert_eq!(
+        get(&agent, &inj.url("/readyz")).expect("readyz"),
+        (200, "ok\n".into())
+    );
+    for name in [
+        "controller-pod.json",
+        "controller-pod.json",
+        "kube-system.json",
+        "dry-run.json",
+        "malformed.json",
+    ] {
+        post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
+    }
+    let (code, m) = get(&agent, &inj.url("/metrics")).expect("metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        metric(&m, "podwire_injector_requests_total{result=\"injected\"}"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "podwire_injector_requests_total{result=\"skipped\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "podwire_injector_requests_total{result=\"error\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "podwire_injector_decisions_total{step=\"ignored-namespace\"}"
+        ),
+        1.0
+    );
+    // A dry run is answered in full but not counted as a pod.
+    assert_eq!(metric(&m, "podwire_injector_dry_run_requests_total"), 1.0);
+    assert_eq!(
+        metric(&m, "podwire_injector_request_duration_seconds_count"),
+        5.0
+    );
+    assert_eq!(metric(&m, "podwire_injector_cert_reloads_total"), 1.0);
+    let expiry = metric(&m, "podwire_injector_cert_expiry_timestamp_seconds");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!(expiry > now + 3000.0 && expiry < now + 3700.0, "{expiry}");
+    // SIGTERM: a clean exit.
+    assert!(inj.terminate().success());
+}
+
+#[test]
+fn cert_files_are_reloaded_without_dropping_connections() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca1, args) = external_tls(dir.path());
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("--no-namespace-watch");
+    let inj = start(&args, &[]);
+    let old = client(&ca1);
+    let body = fixture_bytes("controller-pod.json");
+    assert_eq!(
+        post(&old, &inj.url("/inject"), &body).expect("first").0,
+        200
+    );
+
+    // A broken pair (a half-written update) is refused: the old certificate stays.
+    std::fs::write(
+        dir.path().join("tls.key"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    eventually(
+        "the broken key is reported",
+        Duration::from_secs(10),
+        || inj.log().contains("still serving the previous certificate"),
+    );
+    assert_eq!(
+        get(&client(&ca1), &inj.url("/readyz")).expect("readyz").0,
+        200
+    );
+
+    // cert-manager renews with a new CA: new connections get the new certificate...
+    let ca2 = write_cert(dir.path(), "tls", Duration::from_secs(7200));
+    let new = client(&ca2);
+    eventually(
+        "the new certificate is served",
+        Duration::from_secs(10),
+        || post(&new, &inj.url("/inject"), &body).is_ok_and(|(c, _)| c == 200),
+    );
+    // ...while the connection opened before keeps working (kept alive, not dropped).
+    for _ in 0..5 {
+        assert_eq!(
+            post(&old, &inj.url("/inject"), &body)
+                .expect("kept-alive")
+                .0,
+            200
+        );
+    }
+    // A fresh client that only trusts the old CA is refused: the swap really happened.
+    assert!(post(&client(&ca1), &inj.url("/inject"), &body).is_err());
+    let (_, m) = get(&new, &inj.url("/metrics")).expect("metrics");
+    assert_eq!(
+        metric(&m, "podwire_injector_cert_reloads_total"),
+        2.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn namespace_labels_come_from_a_watch_and_match_review() {
+    let api = ApiServer::start().expect("api");
+    let ns = |name: &str, labels: Value| {
+        api.put(
+            &format!("/api/v1/namespaces/{name}"),
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": name, "labels": labels}}),
+        );
+    };
+    ns("legacy", json!({"istio-injection": "enabled"}));
+    ns("kube-system", json!({}));
+    let dir = tempfile::tempdir().expect("tmp");
+    api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
+        .expect("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig").display().to_string();
+    let (ca, args) = external_tls(dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let inj = start(&args, &[("KUBECONFIG", &kubeconfig)]);
+    let agent = client(&ca);
+    eventually(
+        "ready once the namespace watch synced",
+        Duration::from_secs(20),
+        || get(&agent, &inj.url("/readyz")).is_ok_and(|(c, _)| c == 200),
+    );
+    let answer = |name: &str| -> Value {
+        let (_, b) = post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
+        serde_json::from_str(&b).expect("JSON")
+    };
+    // "legacy" selected: same as review --namespace-labels istio-injection=enabled.
+    assert_eq!(
+        answer("inject-true.json"),
+        offline_review(
+            "inject-true.json",
+            &["--namespace-labels", "istio-injection=enabled"]
+        )
+    );
+    assert!(answer("inject-true.json")["response"]
+        .get("patch")
+        .is_some());
+    // The label goes: nothing injected, as review with the namespace's (empty) labels says.
+    ns("legacy", json!({"team": "legacy"}));
+    eventually("the label change is seen", Duration::from_secs(10), || {
+        answer("inject-true.json")
+            == offline_review("inject-true.json", &["--namespace-labels", "team=legacy"])
+    });
+    let resp = answer("inject-true.json")["response"].clone();
+    assert!(resp.get("patch").is_none(), "{resp}");
+    assert!(
+        !resp["warnings"]
+            .as_array()
+            .map(Vec::is_empty)
+            .unwrap_or(true),
+        "{resp}"
+    );
+    // A namespace the watch does not know: decided as review with no labels.
+    let mut elsewhere: Value =
+        serde_json::from_slice(&fixture_bytes("inject-true.json")).expect("JSON");
+    elsewhere["request"]["namespace"] = json!("elsewhere");
+    let elsewhere = serde_json::to_vec(&elsewhere).expect("JSON");
+    let (_, b) = post(&agent, &inj.url("/inject"), &elsewhere).expect("elsewhere");
+    let got: Value = serde_json::from_str(&b).expect("JSON");
+    assert_eq!(got, offline_review_of(&elsewhere, &[]));
+    assert!(got["response"].get("patch").is_some(), "{got}");
+    let (_, m) = get(&agent, &inj.url("/metrics")).expect("metrics");
+    assert!(
+        metric(&m, "podwire_injector_known_namespaces") >= 2.0,
+        "{m}"
+    );
+    assert!(api.count("GET", "/api/v1/namespaces") >= 2, "list + watch");
+}
