@@ -12,6 +12,7 @@ pub mod lookup;
 pub mod mesh;
 pub mod pod;
 pub mod profile;
+pub mod prom;
 pub mod redirect;
 pub mod render;
 pub mod saved;

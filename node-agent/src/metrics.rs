@@ -1,8 +1,7 @@
-//! The agent's Prometheus metrics, rendered by hand in the text exposition format (a handful
-//! of counters and one histogram do not warrant a metrics framework).
+//! The agent's Prometheus metrics (text format, rendered with `podwire_core::prom`).
 
 use podwire_core::lookup::LookupStatus;
-use std::fmt::Write as _;
+use podwire_core::prom::{labelled, single, Histogram};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -11,12 +10,10 @@ const BUCKETS: [f64; 8] = [0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1, 1.
 const RESULTS: [&str; 4] = ["found", "not_found", "not_ready", "error"];
 pub const REPAIR_ACTIONS: [&str; 3] = ["delete", "label", "failed"];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     lookups: [AtomicU64; 4],
-    buckets: [AtomicU64; 8],
-    latency_count: AtomicU64,
-    latency_sum_ns: AtomicU64,
+    latency: Histogram<8>,
     pub installed: AtomicBool,
     pub synced: AtomicBool,
     pub api_reachable: AtomicBool,
@@ -25,6 +22,23 @@ pub struct Metrics {
     pub reverted_storms: AtomicU64,
     repairs: [AtomicU64; 3],
     pub cached_pods: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            lookups: Default::default(),
+            latency: Histogram::new(BUCKETS),
+            installed: Default::default(),
+            synced: Default::default(),
+            api_reachable: Default::default(),
+            installs: Default::default(),
+            reinserts: Default::default(),
+            reverted_storms: Default::default(),
+            repairs: Default::default(),
+            cached_pods: Default::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -36,15 +50,7 @@ impl Metrics {
             LookupStatus::Error { .. } => 3,
         };
         self.lookups[i].fetch_add(1, Relaxed);
-        let secs = took.as_secs_f64();
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            if secs <= le {
-                b.fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_ns
-            .fetch_add(took.as_nanos() as u64, Relaxed);
+        self.latency.observe(took);
     }
 
     pub fn repaired(&self, action: &str) {
@@ -55,87 +61,70 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        gauge(
+        let flag = |b: &AtomicBool| u8::from(b.load(Relaxed));
+        single(
             &mut out,
+            "gauge",
             "podwire_installed",
             "1 when podwire-cni is installed and chained into the primary CNI config",
-            self.installed.load(Relaxed).into(),
+            flag(&self.installed),
         );
-        gauge(
+        single(
             &mut out,
+            "gauge",
             "podwire_pod_cache_synced",
             "1 once the node's pod watch has completed its first list",
-            self.synced.load(Relaxed).into(),
+            flag(&self.synced),
         );
-        gauge(
+        single(
             &mut out,
+            "gauge",
             "podwire_api_reachable",
             "1 when the last API server call succeeded",
-            self.api_reachable.load(Relaxed).into(),
+            flag(&self.api_reachable),
         );
-        gauge(
+        single(
             &mut out,
+            "gauge",
             "podwire_cached_pods",
             "Pods of this node in the agent's cache",
             self.cached_pods.load(Relaxed),
         );
-        counter(
+        single(
             &mut out,
+            "counter",
             "podwire_installs_total",
             "Times podwire-cni was written into the primary CNI config",
             self.installs.load(Relaxed),
         );
-        counter(
+        single(
             &mut out,
+            "counter",
             "podwire_reinserts_total",
             "Times the entry had to be put back after the primary CNI rewrote its config",
             self.reinserts.load(Relaxed),
         );
-        counter(&mut out, "podwire_reverted_storms_total", "Times another component kept removing podwire's entry (more than 5 re-inserts a minute)", self.reverted_storms.load(Relaxed));
-        let _ = writeln!(out, "# HELP podwire_repairs_total Mesh pods found running without redirection, by action\n# TYPE podwire_repairs_total counter");
-        for (a, v) in REPAIR_ACTIONS.iter().zip(&self.repairs) {
-            let _ = writeln!(
-                out,
-                "podwire_repairs_total{{action=\"{a}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP podwire_lookups_total Plugin look-ups answered, by result\n# TYPE podwire_lookups_total counter");
-        for (r, v) in RESULTS.iter().zip(&self.lookups) {
-            let _ = writeln!(
-                out,
-                "podwire_lookups_total{{result=\"{r}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP podwire_lookup_duration_seconds Time to answer a plugin look-up\n# TYPE podwire_lookup_duration_seconds histogram");
-        for (le, v) in BUCKETS.iter().zip(&self.buckets) {
-            let _ = writeln!(
-                out,
-                "podwire_lookup_duration_seconds_bucket{{le=\"{le}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "podwire_lookup_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        single(&mut out, "counter", "podwire_reverted_storms_total", "Times another component kept removing podwire's entry (more than 5 re-inserts a minute)", self.reverted_storms.load(Relaxed));
+        let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Relaxed)).collect::<Vec<_>>();
+        labelled(
+            &mut out,
+            "podwire_repairs_total",
+            "Mesh pods found running without redirection, by action",
+            "action",
+            REPAIR_ACTIONS.iter().copied().zip(load(&self.repairs)),
         );
-        let _ = writeln!(
-            out,
-            "podwire_lookup_duration_seconds_sum {}",
-            self.latency_sum_ns.load(Relaxed) as f64 / 1e9
+        labelled(
+            &mut out,
+            "podwire_lookups_total",
+            "Plugin look-ups answered, by result",
+            "result",
+            RESULTS.iter().copied().zip(load(&self.lookups)),
         );
-        let _ = writeln!(out, "podwire_lookup_duration_seconds_count {count}");
+        self.latency.render(
+            &mut out,
+            "podwire_lookup_duration_seconds",
+            "Time to answer a plugin look-up",
+        );
         out
     }
 }

@@ -1,9 +1,9 @@
-//! The injector's Prometheus metrics, rendered by hand in the text exposition format (as the
-//! agent does: a few counters, gauges and one histogram do not warrant a metrics framework).
+//! The injector's Prometheus metrics (text format, rendered with `podwire_core::prom`, as the
+//! agent's are).
 
 use crate::review::Outcome;
 use podwire_core::inject::Step;
-use std::fmt::Write as _;
+use podwire_core::prom::{labelled, single, Histogram};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -36,17 +36,29 @@ pub fn result_of(outcome: Outcome) -> &'static str {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     requests: [AtomicU64; 4],
     decisions: [AtomicU64; 8],
     dry_runs: AtomicU64,
-    buckets: [AtomicU64; 10],
-    latency_count: AtomicU64,
-    latency_sum_ns: AtomicU64,
+    latency: Histogram<10>,
     cert_expiry: AtomicI64,
     cert_reloads: AtomicU64,
     namespaces: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Default::default(),
+            decisions: Default::default(),
+            dry_runs: Default::default(),
+            latency: Histogram::new(BUCKETS),
+            cert_expiry: Default::default(),
+            cert_reloads: Default::default(),
+            namespaces: Default::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -63,14 +75,7 @@ impl Metrics {
                 self.decisions[i].fetch_add(1, Relaxed);
             }
         }
-        // One bucket per observation (cumulated when rendered): one contended write, not ten.
-        let secs = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|le| secs <= *le) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_ns
-            .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        self.latency.observe(took);
     }
 
     /// A serving certificate was (re)loaded; `not_after` in seconds since the epoch.
@@ -93,42 +98,54 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP podwire_injector_requests_total AdmissionReviews answered on /inject, by result (dry runs not included)\n# TYPE podwire_injector_requests_total counter");
-        for (r, v) in RESULTS.iter().zip(&self.requests) {
-            let _ = writeln!(
-                out,
-                "podwire_injector_requests_total{{result=\"{r}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP podwire_injector_decisions_total Injection decisions, by the step of the decision that settled it\n# TYPE podwire_injector_decisions_total counter");
-        for (s, v) in STEPS.iter().zip(&self.decisions) {
-            let _ = writeln!(
-                out,
-                "podwire_injector_decisions_total{{step=\"{}\"}} {}",
-                s.as_str(),
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP podwire_injector_dry_run_requests_total Dry-run AdmissionReviews answered (not counted as pods)\n# TYPE podwire_injector_dry_run_requests_total counter\npodwire_injector_dry_run_requests_total {}", self.dry_runs.load(Relaxed));
-        let _ = writeln!(out, "# HELP podwire_injector_request_duration_seconds Time to answer a request on /inject, body read included\n# TYPE podwire_injector_request_duration_seconds histogram");
-        let mut cumulative = 0;
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            cumulative += b.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "podwire_injector_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "podwire_injector_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}\npodwire_injector_request_duration_seconds_sum {}\npodwire_injector_request_duration_seconds_count {count}",
-            self.latency_sum_ns.load(Relaxed) as f64 / 1e9
+        let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Relaxed)).collect::<Vec<_>>();
+        labelled(
+            &mut out,
+            "podwire_injector_requests_total",
+            "AdmissionReviews answered on /inject, by result (dry runs not included)",
+            "result",
+            RESULTS.iter().copied().zip(load(&self.requests)),
         );
-        let _ = writeln!(out, "# HELP podwire_injector_cert_expiry_timestamp_seconds notAfter of the serving certificate in use (0 before one is loaded)\n# TYPE podwire_injector_cert_expiry_timestamp_seconds gauge\npodwire_injector_cert_expiry_timestamp_seconds {}", self.cert_expiry.load(Relaxed));
-        let _ = writeln!(out, "# HELP podwire_injector_cert_reloads_total Serving certificates loaded (the first one included)\n# TYPE podwire_injector_cert_reloads_total counter\npodwire_injector_cert_reloads_total {}", self.cert_reloads.load(Relaxed));
-        let _ = writeln!(out, "# HELP podwire_injector_known_namespaces Namespaces whose labels the injector knows from its watch\n# TYPE podwire_injector_known_namespaces gauge\npodwire_injector_known_namespaces {}", self.namespaces.load(Relaxed));
+        labelled(
+            &mut out,
+            "podwire_injector_decisions_total",
+            "Injection decisions, by the step of the decision that settled it",
+            "step",
+            STEPS.iter().map(|s| s.as_str()).zip(load(&self.decisions)),
+        );
+        single(
+            &mut out,
+            "counter",
+            "podwire_injector_dry_run_requests_total",
+            "Dry-run AdmissionReviews answered (not counted as pods)",
+            self.dry_runs.load(Relaxed),
+        );
+        self.latency.render(
+            &mut out,
+            "podwire_injector_request_duration_seconds",
+            "Time to answer a request on /inject, body read included",
+        );
+        single(
+            &mut out,
+            "gauge",
+            "podwire_injector_cert_expiry_timestamp_seconds",
+            "notAfter of the serving certificate in use (0 before one is loaded)",
+            self.cert_expiry.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "counter",
+            "podwire_injector_cert_reloads_total",
+            "Serving certificates loaded (the first one included)",
+            self.cert_reloads.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "gauge",
+            "podwire_injector_known_namespaces",
+            "Namespaces whose labels the injector knows from its watch",
+            self.namespaces.load(Relaxed),
+        );
         out
     }
 }
