@@ -16,7 +16,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// podwire node agent: answers the podwire CNI plugin's pod look-ups on a Unix socket.
+/// podwire node agent: installs podwire-cni and keeps it chained into the node's CNI config, answers
+/// its pod look-ups from a node-local cache, reports status and repairs pods that raced it.
 #[derive(Debug, Parser)]
 #[command(name = "podwire-agent", version, propagate_version = true)]
 struct Cli {
