@@ -1,6 +1,8 @@
 //! `podwire demo`: the main job end to end on one machine, told in words a person reads.
 
 use anyhow::{bail, Context, Result};
+use podwire_core::inject::{apply_patch, plan, InjectorConfig, Labels};
+use podwire_core::MeshProfile;
 use podwire_lab::lab::{pod_manifest, Lab, Pod, APP_PORT, NODE_V4, NODE_V6};
 use podwire_lab::probe::{self, connect, Seen};
 use serde_json::json;
@@ -94,13 +96,34 @@ pub fn run(args: &Args) -> Result<bool> {
         .unwrap_or_default();
     println!("chain     {}", chain.join(" → "));
 
-    lab.publish(
-        "demo.yaml",
-        &[
-            pod_manifest("shop", "web", true, &[]),
-            pod_manifest("shop", "plain", false, &[]),
-        ],
-    )?;
+    // The pods as a person writes them: the webhook's own decision and patch turn "web" into a
+    // mesh pod; "plain" opts out.
+    let profile = MeshProfile::istio();
+    let cfg = InjectorConfig::default();
+    let ns_labels: Labels = [
+        ("istio-injection", "enabled"),
+        ("kubernetes.io/metadata.name", "shop"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    println!("namespace shop, labelled istio-injection=enabled");
+    let mut pods = Vec::new();
+    for (name, annotations) in [
+        ("web", &[][..]),
+        ("plain", &[("sidecar.istio.io/inject", "false")][..]),
+    ] {
+        let mut pod = pod_manifest("shop", name, false, annotations);
+        let plan =
+            plan(&pod, None, Some(&ns_labels), &cfg, &profile).context("injection decision")?;
+        println!("injector  shop/{name:<6} {}", plan.decision.reason);
+        let ops = plan
+            .patch
+            .map_err(|e| anyhow::anyhow!("injection refused: {e}"))?;
+        apply_patch(&mut pod, &ops).map_err(|e| anyhow::anyhow!("applying the patch: {e}"))?;
+        pods.push(pod);
+    }
+    lab.publish("demo.yaml", &pods)?;
     let mesh = lab
         .start_pod("shop", "web")
         .context("starting the mesh pod")?;
@@ -110,9 +133,12 @@ pub fn run(args: &Args) -> Result<bool> {
     for (pod, what) in [
         (
             &mesh,
-            "mesh pod: istio-proxy container + sidecar.istio.io/status",
+            "mesh pod: the injected istio-proxy container + sidecar.istio.io/status",
         ),
-        (&plain, "plain pod: no sidecar"),
+        (
+            &plain,
+            "plain pod: sidecar.istio.io/inject=false, no sidecar",
+        ),
     ] {
         println!(
             "pod       {}/{:<6} {:<15} {what}",
