@@ -1,25 +1,16 @@
 //! `podwire explain -f pod.yaml`: would this pod be injected, and why — the same decision the
 //! webhook makes, for every Pod or pod template in the file.
 
-use crate::manifest::{documents, read_input, settings, targets, Target};
+use crate::manifest::{documents, read_input, settings, targets, ManifestArgs, Target};
 use anyhow::{bail, Result};
 use podwire_core::inject::Step;
 use podwire_core::MeshProfile;
 use serde::Serialize;
-use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Manifest file (YAML or JSON, one or more documents); `-` reads stdin.
-    #[arg(short = 'f', long = "filename", value_name = "FILE")]
-    file: String,
-    /// Labels of the namespace the pods go to (`k=v,k2=v2`; '' for none). Without them the
-    /// webhook's namespaceSelector is assumed to select it.
-    #[arg(long, value_name = "K=V,...")]
-    namespace_labels: Option<String>,
-    /// Injector config file (as for podwire-injector); default: Istio's defaults.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    manifest: ManifestArgs,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: Format,
@@ -85,19 +76,19 @@ fn explained(t: &Target) -> Explained<'_> {
 pub fn run(args: &Args) -> Result<bool> {
     let profile = MeshProfile::istio();
     let (cfg, labels) = settings(
-        args.config.as_deref(),
-        args.namespace_labels.as_deref(),
+        args.manifest.config.as_deref(),
+        args.manifest.namespace_labels.as_deref(),
         &profile,
     )?;
-    let text = read_input(&args.file)?;
+    let text = read_input(&args.manifest.file)?;
     let mut found = Vec::new();
-    for doc in documents(&text, &args.file)? {
+    for doc in documents(&text, &args.manifest.file)? {
         found.extend(targets(&doc, "", &cfg, labels.as_ref(), &profile)?);
     }
     if found.is_empty() {
         bail!(
             "{}: no Pod or pod template (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob) to explain",
-            args.file
+            args.manifest.file
         );
     }
     for t in &found {

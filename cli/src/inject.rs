@@ -2,38 +2,32 @@
 //! Pod and pod template gets exactly what the webhook would add; everything else is written
 //! back unchanged.
 
-use crate::manifest::{apply, documents, read_input, settings, targets};
+use crate::manifest::{apply, documents, read_input, settings, targets, ManifestArgs};
 use anyhow::{anyhow, Context, Result};
 use podwire_core::MeshProfile;
 use std::io::Write;
-use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Manifest file (YAML or JSON, one or more documents); `-` reads stdin.
-    #[arg(short = 'f', long = "filename", value_name = "FILE")]
-    file: String,
-    /// Labels of the namespace the pods go to (`k=v,k2=v2`; '' for none). Without them the
-    /// webhook's namespaceSelector is assumed to select it.
-    #[arg(long, value_name = "K=V,...")]
-    namespace_labels: Option<String>,
-    /// Injector config file (as for podwire-injector); default: Istio's defaults.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    manifest: ManifestArgs,
 }
 
 pub fn run(args: &Args) -> Result<bool> {
     let profile = MeshProfile::istio();
     let (cfg, labels) = settings(
-        args.config.as_deref(),
-        args.namespace_labels.as_deref(),
+        args.manifest.config.as_deref(),
+        args.manifest.namespace_labels.as_deref(),
         &profile,
     )?;
-    let text = read_input(&args.file)?;
+    let text = read_input(&args.manifest.file)?;
     let mut out = String::new();
     // Everything is decided before anything is written: a refused pod means no output at all,
     // as the webhook would deny it.
-    for (i, mut doc) in documents(&text, &args.file)?.into_iter().enumerate() {
+    for (i, mut doc) in documents(&text, &args.manifest.file)?
+        .into_iter()
+        .enumerate()
+    {
         for t in targets(&doc, "", &cfg, labels.as_ref(), &profile)? {
             let ops = t.plan.patch.as_ref().map_err(|e| {
                 anyhow!(

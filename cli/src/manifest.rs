@@ -12,6 +12,22 @@ use std::io::Read;
 use std::path::Path;
 
 /// Read FILE, or stdin for `-`.
+/// What `explain` and `inject` both read: a manifest, and optionally the namespace's labels and
+/// the injector's config.
+#[derive(Debug, clap::Args)]
+pub struct ManifestArgs {
+    /// Manifest file (YAML or JSON, one or more documents); `-` reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: String,
+    /// Labels of the namespace the pods go to (`k=v,k2=v2`; '' for none). Without them the
+    /// webhook's namespaceSelector is assumed to select it.
+    #[arg(long, value_name = "K=V,...")]
+    pub namespace_labels: Option<String>,
+    /// Injector config file (as for podwire-injector); default: Istio's defaults.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
 pub fn read_input(file: &str) -> Result<String> {
     if file == "-" {
         let mut s = String::new();

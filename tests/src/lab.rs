@@ -157,30 +157,12 @@ impl Lab {
     }
 
     fn wait_agent(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(self.socket()).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "podwire-agent did not open {} within 10s",
-                    self.socket().display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        wait_for_socket(&self.socket(), Duration::from_secs(10))
     }
 
     /// Ask the agent the way the plugin does; true when it knows the pod.
     pub fn agent_knows(&self, namespace: &str, name: &str) -> Result<bool> {
-        let mut s = UnixStream::connect(self.socket())?;
-        writeln!(
-            s,
-            "{}",
-            json!({"v": 1, "namespace": namespace, "name": name})
-        )?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line)?;
-        Ok(line.contains("\"found\""))
+        agent_knows(&self.socket(), namespace, name)
     }
 
     /// Put manifests in the agent's pods directory and wait until it serves the last one.
