@@ -1,7 +1,7 @@
 //! `podwire explain -f pod.yaml`: would this pod be injected, and why — the same decision the
 //! webhook makes, for every Pod or pod template in the file.
 
-use crate::manifest::{documents, read_input, settings, targets, ManifestArgs, Target};
+use crate::manifest::{targets, Loaded, ManifestArgs, Target};
 use anyhow::{bail, Result};
 use podwire_core::inject::Step;
 use podwire_core::MeshProfile;
@@ -75,14 +75,9 @@ fn explained(t: &Target) -> Explained<'_> {
 
 pub fn run(args: &Args) -> Result<bool> {
     let profile = MeshProfile::istio();
-    let (cfg, labels) = settings(
-        args.manifest.config.as_deref(),
-        args.manifest.namespace_labels.as_deref(),
-        &profile,
-    )?;
-    let text = read_input(&args.manifest.file)?;
+    let Loaded { cfg, labels, docs } = args.manifest.load(&profile)?;
     let mut found = Vec::new();
-    for doc in documents(&text, &args.manifest.file)? {
+    for doc in docs {
         found.extend(targets(&doc, "", &cfg, labels.as_ref(), &profile)?);
     }
     if found.is_empty() {

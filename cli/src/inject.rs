@@ -2,7 +2,7 @@
 //! Pod and pod template gets exactly what the webhook would add; everything else is written
 //! back unchanged.
 
-use crate::manifest::{apply, documents, read_input, settings, targets, ManifestArgs};
+use crate::manifest::{apply, targets, Loaded, ManifestArgs};
 use anyhow::{anyhow, Context, Result};
 use podwire_core::MeshProfile;
 use std::io::Write;
@@ -15,19 +15,11 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<bool> {
     let profile = MeshProfile::istio();
-    let (cfg, labels) = settings(
-        args.manifest.config.as_deref(),
-        args.manifest.namespace_labels.as_deref(),
-        &profile,
-    )?;
-    let text = read_input(&args.manifest.file)?;
+    let Loaded { cfg, labels, docs } = args.manifest.load(&profile)?;
     let mut out = String::new();
     // Everything is decided before anything is written: a refused pod means no output at all,
     // as the webhook would deny it.
-    for (i, mut doc) in documents(&text, &args.manifest.file)?
-        .into_iter()
-        .enumerate()
-    {
+    for (i, mut doc) in docs.into_iter().enumerate() {
         for t in targets(&doc, "", &cfg, labels.as_ref(), &profile)? {
             let ops = t.plan.patch.as_ref().map_err(|e| {
                 anyhow!(

@@ -28,6 +28,27 @@ pub struct ManifestArgs {
     pub config: Option<std::path::PathBuf>,
 }
 
+/// A manifest read with the settings to judge it by.
+#[derive(Debug)]
+pub struct Loaded {
+    pub cfg: InjectorConfig,
+    pub labels: Option<Labels>,
+    pub docs: Vec<Yaml>,
+}
+
+impl ManifestArgs {
+    /// The config, the namespace labels and the manifest's documents.
+    pub fn load(&self, profile: &MeshProfile) -> Result<Loaded> {
+        let (cfg, labels) = settings(
+            self.config.as_deref(),
+            self.namespace_labels.as_deref(),
+            profile,
+        )?;
+        let docs = documents(&read_input(&self.file)?, &self.file)?;
+        Ok(Loaded { cfg, labels, docs })
+    }
+}
+
 pub fn read_input(file: &str) -> Result<String> {
     if file == "-" {
         let mut s = String::new();
@@ -55,7 +76,7 @@ pub fn documents(text: &str, origin: &str) -> Result<Vec<Yaml>> {
 }
 
 /// The config file (or the default config) and the namespace labels given on the command line.
-pub fn settings(
+fn settings(
     config: Option<&Path>,
     namespace_labels: Option<&str>,
     profile: &MeshProfile,
