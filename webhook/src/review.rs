@@ -144,15 +144,18 @@ pub fn review_resolving(
             format!("{}: operation {} ignored", who(), req.operation),
         );
     }
-    let Some(object) = req.object.as_ref() else {
-        let msg = "request.object is missing: no pod to inject".to_string();
-        return finish(
+    // A pod that cannot be read is denied as a bad request, naming what is wrong.
+    let malformed = |msg: String| {
+        finish(
             deny(req.uid.clone(), 400, "BadRequest", &msg, Vec::new()),
             Outcome::Malformed,
             None,
             format!("{}: {msg}", who()),
             dry_run,
-        );
+        )
+    };
+    let Some(object) = req.object.as_ref() else {
+        return malformed("request.object is missing: no pod to inject".to_string());
     };
     let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
     let namespace_labels = labels_of(ns.unwrap_or_else(|| {
@@ -163,16 +166,7 @@ pub fn review_resolving(
     }));
     let plan = match plan(object, ns, namespace_labels.as_ref(), cfg, profile) {
         Ok(p) => p,
-        Err(e) => {
-            let msg = e.to_string();
-            return finish(
-                deny(req.uid.clone(), 400, "BadRequest", &msg, Vec::new()),
-                Outcome::Malformed,
-                None,
-                format!("{}: {msg}", who()),
-                dry_run,
-            );
-        }
+        Err(e) => return malformed(e.to_string()),
     };
     let pod = plan.pod.display_name();
     let d = plan.decision;
