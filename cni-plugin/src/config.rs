@@ -105,6 +105,14 @@ pub fn top_level(stdin: &[u8]) -> Result<Fields> {
         .map_err(|e| PluginError::Decode(format!("{e} (expected a JSON object)")))
 }
 
+/// The config's own `cniVersion` when it is one podwire speaks, even if the rest of the
+/// config is broken: errors are answered in the version the runtime asked for.
+pub fn declared_version(stdin: &[u8]) -> Option<String> {
+    let f = top_level(stdin).ok()?;
+    let v: String = field(&f, "cniVersion", "a version string").ok()??;
+    version_supported(&v).then_some(v)
+}
+
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<NetConf> {
         let f = top_level(stdin)?;

@@ -63,7 +63,8 @@ impl PluginError {
         }
     }
 
-    pub fn to_cni(&self) -> CniError {
+    /// The error object, in `cni_version` (the config's, so the runtime can decode it).
+    pub fn to_cni(&self, cni_version: &str) -> CniError {
         let short = match self {
             PluginError::InvalidEnv { .. } => "invalid environment",
             PluginError::Decode(_) => "failed to decode network configuration",
@@ -77,7 +78,9 @@ impl PluginError {
             PluginError::Io(_) => "I/O failure",
             PluginError::NotAvailable(_) => "plugin not available",
         };
-        CniError::new(self.code(), format!("podwire-cni: {short}: {self}"))
+        let mut e = CniError::new(self.code(), format!("podwire-cni: {short}: {self}"));
+        e.cni_version = cni_version.to_string();
+        e
     }
 }
 

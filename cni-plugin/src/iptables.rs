@@ -4,12 +4,23 @@
 //! pod-scoped (`XTABLES_LOCKFILE`), so 110 pods starting at once never wait on each other.
 
 use crate::config::Backend;
-use podwire_core::render::RuleSet;
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
+use podwire_core::render::{Rule, RuleSet};
 use podwire_core::saved::parse_nat;
 use podwire_core::Family;
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// How long one iptables-restore/-save may take before it is killed: it waits at most 5 s for
+/// the (pod-scoped) xtables lock, so anything longer is a hung tool, and the runtime must get
+/// an answer rather than a stuck sandbox.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SEARCH: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
@@ -101,60 +112,90 @@ impl Tools {
 
     fn command(&self, bin: &Path) -> Command {
         let mut c = Command::new(bin);
-        c.env("XTABLES_LOCKFILE", &self.lockfile)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        c.env("XTABLES_LOCKFILE", &self.lockfile);
         c
     }
 
     /// `iptables-restore --noflush` with `input` on stdin; the error is the tool's stderr.
     pub fn restore(&self, input: &str) -> Result<(), String> {
         let mut cmd = self.command(&self.restore);
-        cmd.arg("--noflush")
-            .arg("--wait")
-            .arg("5")
-            .stdin(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.restore.display()))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(input.as_bytes())
-                .map_err(|e| format!("writing to {}: {e}", self.restore.display()))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("waiting for {}: {e}", self.restore.display()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} exited with {}: {}",
-                self.restore.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        cmd.arg("--noflush").arg("--wait").arg("5");
+        run(&mut cmd, input.as_bytes(), TOOL_TIMEOUT).map(|_| ())
     }
 
     /// `iptables-save -t nat`.
     pub fn save_nat(&self) -> Result<String, String> {
-        let out = self
-            .command(&self.save)
-            .args(["-t", "nat"])
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.save.display()))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "{} exited with {}: {}",
-                self.save.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        let mut cmd = self.command(&self.save);
+        cmd.args(["-t", "nat"]);
+        run(&mut cmd, b"", TOOL_TIMEOUT)
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// An anonymous in-memory file: the tool's stdin, stdout or stderr. Unlike pipes, nothing
+/// blocks when nobody reads, so one thread can wait for the exit with a deadline.
+fn memfile(name: &std::ffi::CStr, content: &[u8]) -> std::io::Result<File> {
+    let mut f = File::from(memfd_create(name, MemFdCreateFlag::MFD_CLOEXEC)?);
+    f.write_all(content)?;
+    f.rewind()?;
+    Ok(f)
+}
+
+/// Run `cmd` with `input` on stdin; kill it after `limit`. `Err` names the tool and says why.
+fn run(cmd: &mut Command, input: &[u8], limit: Duration) -> Result<Output, String> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let io = |e: std::io::Error| format!("cannot run {tool}: {e}");
+    let stdin = memfile(c"stdin", input).map_err(io)?;
+    let mut stdout = memfile(c"stdout", b"").map_err(io)?;
+    let mut stderr = memfile(c"stderr", b"").map_err(io)?;
+    let mut child = cmd
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout.try_clone().map_err(io)?))
+        .stderr(Stdio::from(stderr.try_clone().map_err(io)?))
+        .spawn()
+        .map_err(io)?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    // Wait without reaping (WNOWAIT) on a helper thread: the pid stays ours until `child.wait`
+    // below, so the kill on timeout can never hit a recycled pid.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(waitid(
+            Id::Pid(pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ));
+    });
+    let timed_out = rx.recv_timeout(limit).is_err();
+    if timed_out {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {tool}: {e}"))?;
+    let mut out = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    let _ = stdout
+        .rewind()
+        .and_then(|()| stdout.read_to_end(&mut out.stdout));
+    let _ = stderr
+        .rewind()
+        .and_then(|()| stderr.read_to_end(&mut out.stderr));
+    if timed_out {
+        return Err(format!(
+            "{tool} did not finish within {}s and was killed",
+            limit.as_secs()
+        ));
+    }
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{tool} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -167,9 +208,10 @@ pub enum Applied {
 }
 
 /// Program `want`. Fast path: one restore that creates the chains (fails atomically when they
-/// exist). Only then read the table: identical rules make ADD a no-op, different ones are
-/// replaced in one transaction.
-pub fn apply(tools: &Tools, want: &RuleSet) -> Result<Applied, String> {
+/// exist). Only then read the table: identical rules (entry rules first in their built-in
+/// chains) make ADD a no-op; anything else, a rule shadowing them included, is replaced in one
+/// transaction. `previous`: the entry rules an earlier ADD recorded.
+pub fn apply(tools: &Tools, want: &RuleSet, previous: &[Rule]) -> Result<Applied, String> {
     let first = match tools.restore(&want.to_restore_input()) {
         Ok(()) => return Ok(Applied::New),
         Err(e) => e,
@@ -181,14 +223,15 @@ pub fn apply(tools: &Tools, want: &RuleSet) -> Result<Applied, String> {
     if table.missing(want).is_empty() {
         return Ok(Applied::AlreadyPresent);
     }
-    tools.restore(&table.replacement_input(want))?;
+    tools.restore(&table.replacement_input(want, previous))?;
     Ok(Applied::Replaced)
 }
 
-/// Remove podwire's chains and entry rules; `Ok(false)` when there were none.
-pub fn remove(tools: &Tools, chains: &[String]) -> Result<bool, String> {
+/// Remove podwire's chains, the rules jumping into them and the recorded `entries`;
+/// `Ok(false)` when there were none.
+pub fn remove(tools: &Tools, chains: &[String], entries: &[Rule]) -> Result<bool, String> {
     let table = parse_nat(&tools.save_nat()?);
-    match table.removal_input(chains) {
+    match table.removal_input(chains, entries) {
         None => Ok(false),
         Some(input) => tools.restore(&input).map(|()| true),
     }
@@ -197,4 +240,41 @@ pub fn remove(tools: &Tools, chains: &[String]) -> Result<bool, String> {
 /// What differs from `want` (empty: all present).
 pub fn check(tools: &Tools, want: &RuleSet) -> Result<Vec<String>, String> {
     Ok(parse_nat(&tools.save_nat()?).missing(want))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hung_tool_is_killed_at_the_deadline() {
+        let started = std::time::Instant::now();
+        let err = run(
+            Command::new("sleep").arg("30"),
+            b"",
+            Duration::from_millis(300),
+        )
+        .expect_err("must time out");
+        assert!(err.contains("did not finish within"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "killed, not waited for"
+        );
+    }
+
+    #[test]
+    fn output_and_errors_are_captured() {
+        let out = run(&mut Command::new("cat"), b"*nat\nCOMMIT\n", TOOL_TIMEOUT).expect("cat");
+        assert_eq!(out.stdout, b"*nat\nCOMMIT\n");
+        let err = run(
+            Command::new("sh").args(["-c", "echo boom >&2; exit 3"]),
+            b"",
+            TOOL_TIMEOUT,
+        )
+        .expect_err("fails");
+        assert!(
+            err.contains("boom") && err.contains("exit status: 3"),
+            "{err}"
+        );
+    }
 }

@@ -197,13 +197,19 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
         Ok(resp) => {
             let pod_info: PodInfo = serde_json::from_reader(resp.into_reader().take_limited())
                 .map_err(|e| format!("GET {url}: the answer is not a Pod: {e}"))?;
+            // Another UID is another incarnation of the name (a re-created pod): whether the
+            // one being set up is a mesh pod is unknown, never "not found".
             if !pod.uid.is_empty()
                 && !pod_info.metadata.uid.is_empty()
                 && pod_info.metadata.uid != pod.uid
             {
-                return Ok(Lookup::NotFound);
+                return Err(format!(
+                    "GET {url}: the API server has UID {}, the runtime is setting up UID {}: \
+                     the pod was re-created (retry) or is gone",
+                    pod_info.metadata.uid, pod.uid
+                ));
             }
-            Ok(Lookup::Found(pod_info))
+            Ok(Lookup::Found(Box::new(pod_info)))
         }
         Err(ureq::Error::Status(404, _)) => Ok(Lookup::NotFound),
         Err(ureq::Error::Status(code, resp)) => Err(format!(

@@ -16,7 +16,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// The answer of the pod source.
 #[derive(Debug)]
 pub enum Lookup {
-    Found(PodInfo),
+    Found(Box<PodInfo>),
     /// The source is synced and has no such pod: not a pod podwire manages.
     NotFound,
 }
@@ -53,7 +53,7 @@ pub fn ask_agent(socket: &Path, pod: &PodRef) -> Result<Lookup, String> {
         ));
     }
     match resp.status {
-        LookupStatus::Found { pod } => Ok(Lookup::Found(*pod)),
+        LookupStatus::Found { pod } => Ok(Lookup::Found(pod)),
         LookupStatus::NotFound => Ok(Lookup::NotFound),
         LookupStatus::NotReady { message } => Err(format!("the agent is not ready: {message}")),
         LookupStatus::Error { message } => Err(format!("the agent answered an error: {message}")),

@@ -41,6 +41,11 @@ fn main() -> ExitCode {
 
     // Parsed once: logging settings come from it, and a broken config still gets logged.
     let conf = config::NetConf::parse(&stdin);
+    let version = match &conf {
+        Ok(c) => c.cni_version.clone(),
+        Err(_) => config::declared_version(&stdin)
+            .unwrap_or_else(|| podwire_core::cni::CNI_VERSION.to_string()),
+    };
     match &conf {
         Ok(c) => logging::init(c.log_level, c.log_file.as_deref()),
         Err(_) => logging::init(tracing::Level::INFO, None),
@@ -60,9 +65,9 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(code = e.code(), "{e}");
-            let json = serde_json::to_string(&e.to_cni()).unwrap_or_else(|_| {
+            let json = serde_json::to_string(&e.to_cni(&version)).unwrap_or_else(|_| {
                 format!(
-                    r#"{{"cniVersion":"1.1.0","code":{},"msg":"podwire-cni failed"}}"#,
+                    r#"{{"cniVersion":"{version}","code":{},"msg":"podwire-cni failed"}}"#,
                     e.code()
                 )
             });

@@ -6,10 +6,10 @@ use crate::error::{PluginError, Result};
 use crate::iptables::{self, Applied, Concrete, Tools};
 use crate::lookup::{ask_agent, Lookup};
 use crate::netns::in_netns;
-use crate::record::{self, Record};
+use crate::record::{self, AttachmentLock, Record};
 use podwire_core::cni::{CNI_VERSION, SUPPORTED_VERSIONS};
 use podwire_core::mesh::{mesh_decision, namespace_excluded, MeshDecision};
-use podwire_core::render::{render, RuleSet};
+use podwire_core::render::{render, Rule, RuleSet};
 use podwire_core::{Family, MeshProfile, PodInfo, RedirectSpec};
 use std::path::Path;
 use tracing::{debug, info, warn};
@@ -79,7 +79,7 @@ fn resolve(conf: &NetConf, pod_ref: &PodRef) -> Result<Option<PodInfo>> {
             None => Err(agent_err),
         });
     let pod = match answer {
-        Ok(Lookup::Found(pod)) => pod,
+        Ok(Lookup::Found(pod)) => *pod,
         Ok(Lookup::NotFound) => {
             info!(pod = %pod_ref.display(), "pass-through: the pod source does not know this pod (not a mesh pod)");
             return Ok(None);
@@ -166,35 +166,17 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
         .map(|s| tools_for(conf, env, backend, s.family, &who))
         .collect::<Result<_>>()?;
 
-    let outcome = in_netns(
-        Path::new(&netns),
-        || -> Result<Vec<Applied>, (Family, String)> {
-            let mut done: Vec<(usize, Applied)> = Vec::new();
-            for (i, (t, set)) in tools.iter().zip(&sets).enumerate() {
-                match iptables::apply(t, set) {
-                    Ok(a) => done.push((i, a)),
-                    Err(reason) => {
-                        // Roll back the families already programmed: no partial redirection.
-                        for (j, _) in &done {
-                            if let Err(e) = iptables::remove(&tools[*j], &sets[*j].chains) {
-                                warn!(pod = %who, "rollback of {} rules failed: {e}", sets[*j].family.name());
-                            }
-                        }
-                        return Err((set.family, reason));
-                    }
-                }
-            }
-            Ok(done.into_iter().map(|(_, a)| a).collect())
-        },
-    )?;
-    let applied = outcome.map_err(|(family, reason)| PluginError::Redirect {
-        pod: who.clone(),
-        family: family.name(),
-        netns: netns.clone(),
-        reason,
-    })?;
-
-    let rec = Record {
+    // One ADD/DEL/CHECK of this attachment at a time, and the record on disk before the rules
+    // are: a concurrent DEL can then never leave rules without a record (which the agent's
+    // repair would take for a pod that raced it).
+    let lock = attachment_lock(conf, env)?;
+    let previous = record::read(&conf.state_dir, &env.container_id, &env.ifname);
+    // Without a record (written by an older release), the rules this ADD renders stand in.
+    let previous_entries: Vec<Rule> = previous.as_ref().map_or_else(
+        || sets[0].entry_rules().cloned().collect(),
+        Record::entry_rules,
+    );
+    let mut rec = Record {
         network: conf.name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
@@ -208,20 +190,86 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
         },
         backend: backend.name().into(),
         ipv6,
+        entry_rules: Vec::new(),
     };
-    if let Err(e) = record::write(&conf.state_dir, &rec) {
-        warn!(pod = %who, "redirected, but cannot write the record in {}: {e}", conf.state_dir.display());
+    rec.set_entry_rules(sets[0].entry_rules());
+    record::write(&conf.state_dir, &rec).map_err(|e| {
+        PluginError::Io(format!(
+            "pod {who}: cannot write its record in {} ({e}); without it DEL could not tell podwire's rules apart: check the node's disk and the plugin's stateDir",
+            conf.state_dir.display()
+        ))
+    })?;
+
+    let outcome = in_netns(
+        Path::new(&netns),
+        || -> Result<Vec<Applied>, (Family, String)> {
+            let mut done: Vec<(usize, Applied)> = Vec::new();
+            for (i, (t, set)) in tools.iter().zip(&sets).enumerate() {
+                match iptables::apply(t, set, &previous_entries) {
+                    Ok(a) => done.push((i, a)),
+                    Err(reason) => {
+                        // Roll back the families already programmed: no partial redirection.
+                        for (j, _) in &done {
+                            let entries: Vec<Rule> = sets[*j].entry_rules().cloned().collect();
+                            if let Err(e) = iptables::remove(&tools[*j], &sets[*j].chains, &entries)
+                            {
+                                warn!(pod = %who, "rollback of {} rules failed: {e}", sets[*j].family.name());
+                            }
+                        }
+                        return Err((set.family, reason));
+                    }
+                }
+            }
+            Ok(done.into_iter().map(|(_, a)| a).collect())
+        },
+    );
+    let failure = match outcome {
+        Ok(Ok(applied)) => {
+            drop(lock);
+            info!(pod = %who, netns = %netns, backend = backend.name(), ?applied, "traffic redirected to the proxy");
+            return Ok(pass_through(conf));
+        }
+        Ok(Err((family, reason))) => PluginError::Redirect {
+            pod: who.clone(),
+            family: family.name(),
+            netns: netns.clone(),
+            reason,
+        },
+        Err(e) => e,
+    };
+    // Nothing of ours changed: the record goes back to what it was.
+    let restored = match &previous {
+        Some(p) => record::write(&conf.state_dir, p),
+        None => {
+            record::remove(&conf.state_dir, &env.container_id, &env.ifname);
+            Ok(())
+        }
+    };
+    if let Err(e) = restored {
+        warn!(pod = %who, "cannot restore the previous record: {e}");
     }
-    info!(pod = %who, netns = %netns, backend = backend.name(), ?applied, "traffic redirected to the proxy");
-    Ok(pass_through(conf))
+    Err(failure)
+}
+
+fn attachment_lock(conf: &NetConf, env: &CniEnv) -> Result<AttachmentLock> {
+    AttachmentLock::acquire(&conf.state_dir, &env.container_id, &env.ifname).map_err(|e| {
+        PluginError::Io(format!(
+            "cannot lock attachment {}/{} in {}: {e}",
+            env.container_id,
+            env.ifname,
+            conf.state_dir.display()
+        ))
+    })
 }
 
 fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    let lock = attachment_lock(conf, env)?;
     let rec = record::read(&conf.state_dir, &env.container_id, &env.ifname);
     let netns = env.netns.clone().filter(|n| Path::new(n).exists());
     let Some(netns) = netns else {
         // The sandbox is gone and its rules with it.
         record::remove(&conf.state_dir, &env.container_id, &env.ifname);
+        lock.retire();
         return Ok(());
     };
     let who = env
@@ -239,14 +287,16 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let lock = record::lock_path(&conf.state_dir, &env.container_id);
+    // Only what podwire recorded; without a record, only the jumps into its own chains.
+    let entries: Vec<Rule> = rec.as_ref().map(Record::entry_rules).unwrap_or_default();
+    let xtables_lock = record::lock_path(&conf.state_dir, &env.container_id);
     let errors = in_netns(Path::new(&netns), || {
         // Teardown collects every error instead of stopping at the first.
         let mut errors = Vec::new();
         for b in &backends {
             for fam in [Family::V4, Family::V6] {
-                match Tools::find(*b, fam, &lock) {
-                    Ok(t) => match iptables::remove(&t, &chains) {
+                match Tools::find(*b, fam, &xtables_lock) {
+                    Ok(t) => match iptables::remove(&t, &chains, &entries) {
                         Ok(true) => info!(pod = %who, "removed {} redirection", fam.name()),
                         Ok(false) => {}
                         Err(e) => errors.push(format!("{}: {e}", fam.name())),
@@ -267,6 +317,7 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         });
     }
     record::remove(&conf.state_dir, &env.container_id, &env.ifname);
+    lock.retire();
     Ok(())
 }
 
@@ -277,6 +328,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let Some(pod) = resolve(conf, pod_ref)? else {
         return Ok(());
     };
+    let _lock = attachment_lock(conf, env)?;
     let rec = record::read(&conf.state_dir, &env.container_id, &env.ifname);
     let ipv6 = rec.as_ref().map_or_else(|| conf.has_ipv6(), |r| r.ipv6);
     let backend = rec

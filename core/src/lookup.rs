@@ -16,7 +16,8 @@ pub struct LookupRequest {
     pub v: u32,
     pub namespace: String,
     pub name: String,
-    /// When set, a cached pod with another UID is a different (older) pod: not an answer.
+    /// When set, a held pod with another UID is another incarnation: the answer is then
+    /// `notReady` (unknown), never `notFound`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub uid: String,
 }
@@ -53,11 +54,44 @@ impl LookupResponse {
     }
 }
 
-/// Does this cached pod answer the request? (UIDs compared only when both are known.)
-pub fn matches(pod: &PodInfo, req: &LookupRequest) -> bool {
-    pod.namespace() == req.namespace
-        && pod.metadata.name == req.name
-        && (req.uid.is_empty() || pod.metadata.uid.is_empty() || pod.metadata.uid == req.uid)
+/// How a pod held by a source relates to a request for the same namespace/name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodMatch {
+    /// The pod asked for (UIDs equal, or one of them unknown).
+    Same,
+    /// Same name, another UID: the source holds another incarnation (a re-created pod the
+    /// source has not caught up with, or one it already knows but the runtime does not).
+    /// Never an answer, and never "not a mesh pod" either: the status is unknown.
+    OtherUid { held: String },
+    /// Another namespace or name.
+    Different,
+}
+
+/// Does this held pod answer the request? (UIDs compared only when both are known.)
+pub fn pod_match(pod: &PodInfo, req: &LookupRequest) -> PodMatch {
+    if pod.namespace() != req.namespace || pod.metadata.name != req.name {
+        PodMatch::Different
+    } else if req.uid.is_empty() || pod.metadata.uid.is_empty() || pod.metadata.uid == req.uid {
+        PodMatch::Same
+    } else {
+        PodMatch::OtherUid {
+            held: pod.metadata.uid.clone(),
+        }
+    }
+}
+
+/// The answer when a source holds `namespace/name` with another UID than asked for: unknown
+/// (`notReady`, so a v1 plugin fails closed and the runtime retries), saying why. `source`
+/// names who holds the other UID ("the pod directory", "the API server").
+pub fn other_uid(req: &LookupRequest, held: &str, source: &str) -> LookupStatus {
+    LookupStatus::NotReady {
+        message: format!(
+            "{source} holds pod {}/{} with UID {held}, but the runtime is setting up UID {}: \
+             the source has not caught up with a re-created pod yet (retry), or the runtime \
+             is setting up a pod that no longer exists",
+            req.namespace, req.name, req.uid
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -78,7 +112,7 @@ mod tests {
     }
 
     #[test]
-    fn uid_mismatch_is_not_an_answer() {
+    fn uid_mismatch_is_unknown_never_not_found() {
         let mut pod = PodInfo::default();
         pod.metadata.name = "a".into();
         pod.metadata.uid = "old".into();
@@ -88,8 +122,17 @@ mod tests {
             name: "a".into(),
             uid: "new".into(),
         };
-        assert!(!matches(&pod, &req));
+        assert_eq!(
+            pod_match(&pod, &req),
+            PodMatch::OtherUid { held: "old".into() }
+        );
+        assert!(matches!(
+            other_uid(&req, "old", "the pod directory"),
+            LookupStatus::NotReady { message } if message.contains("UID old") && message.contains("UID new")
+        ));
         req.uid.clear();
-        assert!(matches(&pod, &req));
+        assert_eq!(pod_match(&pod, &req), PodMatch::Same);
+        req.name = "b".into();
+        assert_eq!(pod_match(&pod, &req), PodMatch::Different);
     }
 }

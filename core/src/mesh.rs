@@ -140,6 +140,19 @@ mod tests {
     }
 
     #[test]
+    fn native_sidecar_layout_is_redirected() {
+        // Istio's current default: the proxy is the first init container, restartPolicy Always.
+        let pod: PodInfo = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop",
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"initContainers": [{"name": "istio-proxy", "restartPolicy": "Always"}],
+                     "containers": [{"name": "app"}]}
+        }))
+        .expect("pod");
+        assert!(mesh_decision(&pod, &MeshProfile::istio(), &excluded()).is_redirect());
+    }
+
+    #[test]
     fn label_true_overrides_annotation_false() {
         let mut pod = mesh_pod();
         pod.metadata

@@ -41,12 +41,18 @@ pub struct PodSpec {
     pub node_name: String,
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// Istio's native-sidecar layout puts the proxy here (`restartPolicy: Always`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Container {
     pub name: String,
+    /// `Always` on an init container makes it a native sidecar (Kubernetes ≥ 1.28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
 }
@@ -84,8 +90,15 @@ impl PodInfo {
         format!("{}/{}", self.namespace(), name)
     }
 
+    /// The container called `name`, in `containers` or else in `initContainers`: Istio injects
+    /// its proxy in either place (classic or native-sidecar layout), and a pod whose proxy is
+    /// overlooked would start without redirection.
     pub fn container(&self, name: &str) -> Option<&Container> {
-        self.spec.containers.iter().find(|c| c.name == name)
+        self.spec
+            .containers
+            .iter()
+            .chain(&self.spec.init_containers)
+            .find(|c| c.name == name)
     }
 
     pub fn annotation(&self, key: &str) -> Option<&str> {
@@ -120,6 +133,26 @@ mod tests {
             .and_then(|c| c.security_context.clone())
             .expect("security context");
         assert_eq!((sc.run_as_user, sc.run_as_group), (Some(1337), Some(1338)));
+    }
+
+    #[test]
+    fn finds_a_native_sidecar_proxy_in_init_containers() {
+        let pod: PodInfo = serde_json::from_str(
+            r#"{"metadata":{"name":"web-1"},
+                "spec":{"initContainers":[
+                  {"name":"istio-proxy","restartPolicy":"Always",
+                   "securityContext":{"runAsUser":2000,"runAsGroup":2001}}],
+                 "containers":[{"name":"app"}]}}"#,
+        )
+        .expect("pod parses");
+        let proxy = pod.container("istio-proxy").expect("proxy found");
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+        let sc = proxy.security_context.clone().expect("security context");
+        assert_eq!((sc.run_as_user, sc.run_as_group), (Some(2000), Some(2001)));
+        // The slice the agent sends the plugin keeps the init container.
+        let wire = serde_json::to_string(&pod).expect("serializes");
+        let back: PodInfo = serde_json::from_str(&wire).expect("round trip");
+        assert_eq!(back, pod);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::{MeshProfile, PodInfo};
 use ipnet::IpNet;
 use std::fmt;
+use std::net::IpAddr;
 
 /// A selection that may be "everything" (`*`), "nothing" (empty) or a list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,15 +204,32 @@ fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b':' | b'/'))
+    const HELP: &str = "not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)";
+    // Strict, as Istio's parser (Go's netip.ParsePrefix): the address through std's parser,
+    // which refuses leading zeros (`010.0.0.0` reads as octal elsewhere), and a prefix length
+    // in plain decimal (`/08` is refused too).
+    let (addr, len) = s.split_once('/').ok_or(HELP)?;
+    let addr: IpAddr = addr.parse().map_err(|_| {
+        if addr.split('.').any(|o| o.len() > 1 && o.starts_with('0')) {
+            "not a CIDR: an IPv4 octet has a leading zero (ambiguous: octal or decimal?)"
+                .to_string()
+        } else {
+            HELP.to_string()
+        }
+    })?;
+    if len.is_empty()
+        || len.len() > 3
+        || !len.bytes().all(|b| b.is_ascii_digit())
+        || (len.len() > 1 && len.starts_with('0'))
     {
-        return Err("not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)".into());
+        return Err(format!(
+            "not a CIDR: prefix length {len:?} must be a decimal number without leading zeros"
+        ));
     }
-    s.parse::<IpNet>()
+    let len: u8 = len.parse().map_err(|_| HELP.to_string())?;
+    IpNet::new(addr, len)
         .map(|n| n.trunc())
-        .map_err(|_| "not a CIDR (e.g. 10.0.0.0/8 or fd00::/8)".into())
+        .map_err(|_| format!("not a CIDR: prefix length {len} is too long for {addr}"))
 }
 
 fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
@@ -322,6 +340,27 @@ mod tests {
                 "10.0.0.1",
             ),
             ("traffic.sidecar.istio.io/includeOutboundIPRanges", "'*'"),
+            // Leading zeros: octal to some parsers, decimal to others (Istio refuses them).
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "010.0.0.0/8",
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.0.0.0/08",
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "fd00::/0128",
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "10.0.0.0/33",
+            ),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "10.0.0.0/+8",
+            ),
             (
                 "traffic.sidecar.istio.io/excludeInterfaces",
                 "eth0 -j ACCEPT",
@@ -372,5 +411,17 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn proxy_identity_from_a_native_sidecar() {
+        let pod: PodInfo = serde_json::from_value(serde_json::json!({
+            "spec": {"initContainers": [{"name": "istio-proxy", "restartPolicy": "Always",
+                "securityContext": {"runAsUser": 2100, "runAsGroup": 2200}}],
+                "containers": [{"name": "app"}]}
+        }))
+        .expect("pod");
+        let spec = RedirectSpec::from_pod(&pod, &MeshProfile::istio()).expect("valid");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (2100, 2200));
     }
 }

@@ -71,6 +71,13 @@ impl SavedTable {
         self.chains.iter().any(|c| chains.contains(c))
     }
 
+    fn rules_in<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.rules
+            .iter()
+            .map(|(r, _)| r)
+            .filter(move |r| r.chain == chain)
+    }
+
     /// Differences between what `want` programs and what the table holds; empty means present.
     pub fn missing(&self, want: &RuleSet) -> Vec<String> {
         let mut problems = Vec::new();
@@ -79,12 +86,7 @@ impl SavedTable {
                 problems.push(format!("chain {c} is missing"));
                 continue;
             }
-            let have: Vec<&Rule> = self
-                .rules
-                .iter()
-                .map(|(r, _)| r)
-                .filter(|r| &r.chain == c)
-                .collect();
+            let have: Vec<&Rule> = self.rules_in(c).collect();
             let wanted: Vec<&Rule> = want.rules.iter().filter(|r| &r.chain == c).collect();
             if have.len() != wanted.len() || !have.iter().zip(&wanted).all(|(h, w)| same(h, w)) {
                 problems.push(format!(
@@ -94,45 +96,70 @@ impl SavedTable {
                 ));
             }
         }
-        // Entry rules must appear, in order, in the built-in chains.
-        let mut cursor = self.rules.iter().map(|(r, _)| r);
-        for w in want.entry_rules() {
-            if !cursor.any(|h| same(h, w)) {
-                problems.push(format!(
-                    "rule -A {} {} is missing",
-                    w.chain,
-                    w.args.join(" ")
-                ));
-                break;
+        // The entry rules must be the first rules of their built-in chain, in order: a rule
+        // before them (say `-I OUTPUT 1 -p tcp -j ACCEPT`) would let traffic bypass the proxy.
+        for builtin in entry_chains(want) {
+            let wanted: Vec<&Rule> = want.entry_rules().filter(|r| r.chain == builtin).collect();
+            let have: Vec<&Rule> = self.rules_in(builtin).collect();
+            if have.len() >= wanted.len() && have.iter().zip(&wanted).all(|(h, w)| same(h, w)) {
+                continue;
             }
+            if let Some(w) = wanted.iter().find(|w| !have.iter().any(|h| same(h, w))) {
+                problems.push(format!("rule -A {builtin} {} is missing", w.args.join(" ")));
+                continue;
+            }
+            // The first place where the chain and podwire's entry rules part ways.
+            let intruder = have
+                .iter()
+                .zip(&wanted)
+                .find(|(h, w)| !same(h, w))
+                .map(|(h, _)| *h)
+                .filter(|h| !wanted.iter().any(|w| same(h, w)))
+                .map_or_else(
+                    || "they are out of order".to_string(),
+                    |h| format!("-A {builtin} {} comes first", h.args.join(" ")),
+                );
+            problems.push(format!(
+                "podwire's entry rules are not the first rules of {builtin} ({intruder}): traffic can bypass the proxy"
+            ));
         }
         problems
     }
 
-    /// `-D` lines for the built-in chain rules that lead into `ours` or that podwire adds for
-    /// excluded interfaces, using the saved text so the kernel matches them exactly.
-    fn entry_deletions(&self, ours: &[String]) -> String {
+    /// `-D` lines for the built-in chain rules podwire owns: every rule jumping into `ours`
+    /// (they must go before the chains can be deleted) and, one saved rule each, the
+    /// `entries` podwire recorded when it programmed the pod. Nothing is claimed by pattern:
+    /// an identical rule added by someone else survives unless podwire recorded one too.
+    fn entry_deletions(&self, ours: &[String], entries: &[Rule]) -> String {
         let mut out = String::new();
+        let mut unclaimed: Vec<&Rule> = entries
+            .iter()
+            .filter(|r| !ours.contains(&r.chain) && !jumps_into(r, ours))
+            .collect();
         for (rule, text) in &self.rules {
             if ours.contains(&rule.chain) {
                 continue;
             }
-            let target = rule.args.iter().skip_while(|a| *a != "-j").nth(1);
-            if target.is_some_and(|t| ours.contains(t)) || is_interface_exclusion(rule) {
+            let recorded = unclaimed.iter().position(|e| same(e, rule));
+            if let Some(i) = recorded {
+                unclaimed.swap_remove(i);
+            }
+            if recorded.is_some() || jumps_into(rule, ours) {
                 out.push_str(&format!("-D {text}\n"));
             }
         }
         out
     }
 
-    /// `iptables-restore --noflush` input removing podwire's chains and entry rules. `None`
-    /// when there is nothing to remove.
-    pub fn removal_input(&self, ours: &[String]) -> Option<String> {
+    /// `iptables-restore --noflush` input removing podwire's chains and entry rules (see
+    /// [`Self::entry_deletions`]). `None` when there is nothing to remove.
+    pub fn removal_input(&self, ours: &[String], entries: &[Rule]) -> Option<String> {
         let present: Vec<&String> = self.chains.iter().filter(|c| ours.contains(c)).collect();
-        if present.is_empty() {
+        let deletions = self.entry_deletions(ours, entries);
+        if present.is_empty() && deletions.is_empty() {
             return None;
         }
-        let mut out = format!("*nat\n{}", self.entry_deletions(ours));
+        let mut out = format!("*nat\n{deletions}");
         for c in &present {
             out.push_str(&format!("-F {c}\n"));
         }
@@ -143,29 +170,56 @@ impl SavedTable {
         Some(out)
     }
 
-    /// One transaction that replaces whatever podwire rules are present with `want`.
-    pub fn replacement_input(&self, want: &RuleSet) -> String {
-        let mut out = format!("*nat\n{}", self.entry_deletions(&want.chains));
+    /// One transaction that replaces podwire's rules with `want`: the old entry rules (those
+    /// jumping into podwire's chains and the `previous` ones podwire recorded) are deleted, the
+    /// chains rebuilt, and the entry rules inserted at the top of their built-in chains again,
+    /// in order, so nothing inserted before them keeps shadowing the redirection.
+    pub fn replacement_input(&self, want: &RuleSet, previous: &[Rule]) -> String {
+        let mut out = format!("*nat\n{}", self.entry_deletions(&want.chains, previous));
         for c in &want.chains {
             let verb = if self.chains.contains(c) { "-F" } else { "-N" };
             out.push_str(&format!("{verb} {c}\n"));
         }
+        let mut position: Vec<(&str, usize)> = Vec::new();
         for r in &want.rules {
-            out.push_str(&format!("-A {} {}\n", r.chain, r.args.join(" ")));
+            if want.chains.contains(&r.chain) {
+                out.push_str(&format!("-A {} {}\n", r.chain, r.args.join(" ")));
+                continue;
+            }
+            let n = match position.iter_mut().find(|(c, _)| *c == r.chain) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    position.push((&r.chain, 1));
+                    1
+                }
+            };
+            out.push_str(&format!("-I {} {n} {}\n", r.chain, r.args.join(" ")));
         }
         out.push_str("COMMIT\n");
         out
     }
 }
 
-/// `-A PREROUTING -i X -j RETURN` / `-A OUTPUT -o X -j RETURN`, exactly as podwire renders them.
-fn is_interface_exclusion(rule: &Rule) -> bool {
-    let flag = match rule.chain.as_str() {
-        "PREROUTING" => "-i",
-        "OUTPUT" => "-o",
-        _ => return false,
-    };
-    matches!(rule.args.as_slice(), [f, _, j, r] if f == flag && j == "-j" && r == "RETURN")
+/// The built-in chains `want` enters through, in first-use order.
+fn entry_chains(want: &RuleSet) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for r in want.entry_rules() {
+        if !out.contains(&r.chain.as_str()) {
+            out.push(&r.chain);
+        }
+    }
+    out
+}
+
+fn jumps_into(rule: &Rule, ours: &[String]) -> bool {
+    rule.args
+        .iter()
+        .skip_while(|a| *a != "-j")
+        .nth(1)
+        .is_some_and(|t| ours.contains(t))
 }
 
 #[cfg(test)]
@@ -198,9 +252,10 @@ mod tests {
             t.missing(&default_rules()),
             vec!["rule -A OUTPUT -j ISTIO_OUTPUT is missing"]
         );
+        // Four chains and the entry rule of each built-in chain.
         assert_eq!(
             parse_nat("*nat\nCOMMIT\n").missing(&default_rules()).len(),
-            5
+            6
         );
     }
 
@@ -211,16 +266,126 @@ mod tests {
             "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -d 198.18.0.9/32 -j ACCEPT\n",
         );
         let ours = default_rules().chains;
+        let want = default_rules();
+        let entries: Vec<Rule> = want.entry_rules().cloned().collect();
         let input = parse_nat(&saved)
-            .removal_input(&ours)
+            .removal_input(&ours, &entries)
             .expect("something to remove");
         assert_eq!(
             input,
             "*nat\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_INBOUND\n-F ISTIO_IN_REDIRECT\n-F ISTIO_OUTPUT\n-F ISTIO_REDIRECT\n-X ISTIO_INBOUND\n-X ISTIO_IN_REDIRECT\n-X ISTIO_OUTPUT\n-X ISTIO_REDIRECT\nCOMMIT\n"
         );
         assert_eq!(
-            parse_nat("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n").removal_input(&ours),
+            parse_nat("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n").removal_input(&ours, &entries),
             None
         );
+    }
+
+    fn rules_with_excluded_interface(iface: &str) -> RuleSet {
+        let p = MeshProfile::istio();
+        let mut pod = crate::PodInfo::default();
+        pod.metadata.annotations.insert(
+            "traffic.sidecar.istio.io/excludeInterfaces".into(),
+            iface.into(),
+        );
+        render(
+            &RedirectSpec::from_pod(&pod, &p).expect("valid"),
+            &p,
+            Family::V4,
+        )
+    }
+
+    #[test]
+    fn foreign_interface_exclusions_survive_removal() {
+        // Someone else's `-o eth9 -j RETURN`; podwire programmed no excludeInterfaces.
+        let saved = SAVED
+            .replace(
+                "-A OUTPUT -j ISTIO_OUTPUT\n",
+                "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -o eth9 -j RETURN\n",
+            )
+            .replace(
+                "-A PREROUTING -p tcp -j ISTIO_INBOUND\n",
+                "-A PREROUTING -p tcp -j ISTIO_INBOUND\n-A PREROUTING -i eth9 -j RETURN\n",
+            );
+        let want = default_rules();
+        let entries: Vec<Rule> = want.entry_rules().cloned().collect();
+        let input = parse_nat(&saved)
+            .removal_input(&want.chains, &entries)
+            .expect("something to remove");
+        assert!(!input.contains("eth9"), "{input}");
+        // Without a record podwire claims only the jumps into its chains.
+        let input = parse_nat(&saved)
+            .removal_input(&want.chains, &[])
+            .expect("something to remove");
+        assert!(!input.contains("eth9"), "{input}");
+        assert!(input.contains("-D OUTPUT -j ISTIO_OUTPUT\n"), "{input}");
+    }
+
+    #[test]
+    fn recorded_interface_exclusions_are_removed_once_each() {
+        let want = rules_with_excluded_interface("eth9");
+        let entries: Vec<Rule> = want.entry_rules().cloned().collect();
+        // podwire's exclusion plus an identical one of someone else's: one of them goes.
+        let saved = SAVED
+            .replace(
+                "-A PREROUTING -p tcp -j ISTIO_INBOUND\n",
+                "-A PREROUTING -i eth9 -j RETURN\n-A PREROUTING -p tcp -j ISTIO_INBOUND\n-A PREROUTING -i eth9 -j RETURN\n",
+            )
+            .replace(
+                "-A OUTPUT -j ISTIO_OUTPUT\n",
+                "-A OUTPUT -o eth9 -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\n",
+            );
+        let input = parse_nat(&saved)
+            .removal_input(&want.chains, &entries)
+            .expect("something to remove");
+        assert_eq!(
+            input.matches("-D PREROUTING -i eth9 -j RETURN").count(),
+            1,
+            "{input}"
+        );
+        assert_eq!(
+            input.matches("-D OUTPUT -o eth9 -j RETURN").count(),
+            1,
+            "{input}"
+        );
+    }
+
+    #[test]
+    fn a_rule_shadowing_the_entry_rules_is_reported_and_replaced() {
+        let saved = SAVED.replace(
+            "-A OUTPUT -j ISTIO_OUTPUT\n",
+            "-A OUTPUT -p tcp -j ACCEPT\n-A OUTPUT -j ISTIO_OUTPUT\n",
+        );
+        let want = default_rules();
+        let t = parse_nat(&saved);
+        let problems = t.missing(&want);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("-A OUTPUT -p tcp -j ACCEPT comes first"),
+            "{problems:?}"
+        );
+        let entries: Vec<Rule> = want.entry_rules().cloned().collect();
+        let input = t.replacement_input(&want, &entries);
+        assert!(input.contains("-D OUTPUT -j ISTIO_OUTPUT\n"), "{input}");
+        assert!(input.contains("-I OUTPUT 1 -j ISTIO_OUTPUT\n"), "{input}");
+        assert!(
+            input.contains("-I PREROUTING 1 -p tcp -j ISTIO_INBOUND\n"),
+            "{input}"
+        );
+        assert!(!input.contains("ACCEPT"), "the foreign rule stays: {input}");
+        // Podwire's own rules in the wrong order are reported too.
+        let want = rules_with_excluded_interface("eth9");
+        let saved = SAVED
+            .replace(
+                "-A OUTPUT -j ISTIO_OUTPUT\n",
+                "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -o eth9 -j RETURN\n",
+            )
+            .replace(
+                "-A PREROUTING -p tcp -j ISTIO_INBOUND\n",
+                "-A PREROUTING -i eth9 -j RETURN\n-A PREROUTING -p tcp -j ISTIO_INBOUND\n",
+            );
+        let problems = parse_nat(&saved).missing(&want);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("out of order"), "{problems:?}");
     }
 }

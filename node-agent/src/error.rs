@@ -34,6 +34,8 @@ pub enum Error {
         /// 1-based line where the document starts.
         line: usize,
         message: String,
+        /// (namespace, name) of the pod the document defines, when it can be told.
+        pod: Option<(String, String)>,
     },
 
     /// A socket set-up step failed; `action` says which ("bind", "chmod", ...).
@@ -63,4 +65,17 @@ pub enum Error {
         signal: &'static str,
         source: io::Error,
     },
+}
+
+impl Error {
+    /// The pod an unreadable document is about, when its namespace/name could be recovered.
+    pub fn pod(&self) -> Option<(&str, &str)> {
+        match self {
+            Error::Document {
+                pod: Some((namespace, name)),
+                ..
+            } => Some((namespace, name)),
+            _ => None,
+        }
+    }
 }

@@ -4,10 +4,16 @@
 //! Every write is temp file + rename in the same directory, keeping the file's mode, so the
 //! runtime never reads a torn file (not even after `kill -9`). Temp files are hidden and end
 //! in `.tmp`, which libcni never loads.
+//!
+//! A config that is a symlink (config managers do `10-x.conflist -> ../real/x.conflist`) is
+//! read through the link, as libcni reads it, and written through it too: the link stays, its
+//! final target is replaced atomically (temp + rename in the target's directory). The link is
+//! the config manager's; replacing it with a file would fight whoever owns it.
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 use podwire_core::conflist::{self, PLUGIN_TYPE};
+use podwire_core::mesh::DEFAULT_EXCLUDED_NAMESPACES;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::fs;
@@ -19,6 +25,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 const PLUGIN_BIN: &str = "podwire-cni";
+/// The namespace the plugin excludes by default besides the system ones (its config.rs).
+const PODWIRE_NAMESPACE: &str = "podwire-system";
 /// More re-inserts than this within [`FIGHT_WINDOW`] means something keeps reverting us.
 const FIGHT_LIMIT: usize = 5;
 const FIGHT_WINDOW: Duration = Duration::from_secs(60);
@@ -51,6 +59,15 @@ pub struct InstallArgs {
     /// `logFile` of the plugin.
     #[arg(long, value_name = "FILE")]
     pub plugin_log_file: Option<PathBuf>,
+    /// `stateDir` written into the plugin's entry: where the plugin leaves a record per
+    /// redirected pod, which `run`'s repair reads (the two must agree, or every mesh pod looks
+    /// raced).
+    #[arg(long, default_value = "/var/run/podwire/state", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The agent's own namespace (set by `run`): when it is not the plugin's default
+    /// (`podwire-system`), the entry lists it in `excludeNamespaces` so the agent always starts.
+    #[arg(skip)]
+    pub agent_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -70,7 +87,20 @@ impl InstallArgs {
             "type": PLUGIN_TYPE,
             "agentSocket": self.agent_socket.display().to_string(),
             "failurePolicy": self.failure_policy,
+            "stateDir": self.state_dir.display().to_string(),
         });
+        if let Some(ns) = self
+            .agent_namespace
+            .as_ref()
+            .filter(|ns| ns.as_str() != PODWIRE_NAMESPACE)
+        {
+            let list: Vec<&str> = DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .copied()
+                .chain([ns.as_str()])
+                .collect();
+            e["excludeNamespaces"] = json!(list);
+        }
         if let Some(k) = &self.plugin_kubeconfig {
             e["kubeconfig"] = json!(k.display().to_string());
         }
@@ -154,11 +184,63 @@ pub fn install_binary(args: &InstallArgs) -> Result<bool, Error> {
     Ok(true)
 }
 
+/// Where writing `path` must go: its final target when it is a symlink (the link is kept).
+fn write_target(path: &Path) -> PathBuf {
+    let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        if let Ok(target) = fs::canonicalize(path) {
+            return target;
+        }
+    }
+    path.to_path_buf()
+}
+
+/// Write a config file atomically, through a symlink to its target.
+fn write_config(path: &Path, data: &[u8], mode: u32) -> Result<PathBuf, Error> {
+    let target = write_target(path);
+    if target != path {
+        if let Some(dir) = target.parent() {
+            clear_stale_temps(dir);
+        }
+    }
+    write_atomic(&target, data, mode)?;
+    Ok(target)
+}
+
+/// "`path`" or "`path` (→ `target`)".
+fn shown(path: &Path, target: &Path) -> String {
+    if path == target {
+        path.display().to_string()
+    } else {
+        format!("{} (symlink to {})", path.display(), target.display())
+    }
+}
+
+/// The directories symlinked configs in `dir` really live in (to be watched too).
+pub fn link_target_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        .filter(|e| conflist::kind_of(&e.file_name().to_string_lossy()).is_some())
+        .filter_map(|e| fs::canonicalize(e.path()).ok())
+        .filter_map(|t| t.parent().map(Path::to_path_buf))
+        .filter(|d| d != dir)
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// The config files of `dir` by name, symlinks followed as libcni follows them (a dangling
+/// link is no config).
 fn read_dir_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, Error> {
     let entries = fs::read_dir(dir).map_err(|e| io_err(dir, "listing", e))?;
     Ok(entries
         .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| fs::metadata(e.path()).is_ok_and(|m| m.is_file()))
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             conflist::kind_of(&name)?;
@@ -214,15 +296,14 @@ pub fn ensure_chained(conf_dir: &Path, entry: &Value) -> Result<ChainState, Erro
     let old = conf_dir.join(name);
     let mut text = serde_json::to_vec_pretty(&chained).unwrap_or_default();
     text.push(b'\n');
-    write_atomic(&conf_dir.join(&new_name), &text, mode_of(&old))?;
+    let new_path = conf_dir.join(&new_name);
+    let written = write_config(&new_path, &text, mode_of(&old))?;
     if &new_name != name {
         // The wrapped .conf goes only after its .conflist is in place: never no config at all.
+        // A symlinked .conf loses only its link; the file it pointed to is left alone.
         fs::remove_file(&old).map_err(|e| io_err(&old, "removing the wrapped .conf", e))?;
     }
-    info!(
-        "chained podwire-cni into {}",
-        conf_dir.join(&new_name).display()
-    );
+    info!("chained podwire-cni into {}", shown(&new_path, &written));
     Ok(ChainState::Written {
         from: name.clone(),
         to: new_name,
@@ -263,11 +344,12 @@ pub fn uninstall(args: &InstallArgs) -> Result<Vec<String>, Error> {
         let path = dir.join(&name);
         let mut text = serde_json::to_vec_pretty(&restored).unwrap_or_default();
         text.push(b'\n');
-        write_atomic(&dir.join(&target), &text, mode_of(&path))?;
+        let target_path = dir.join(&target);
+        let written = write_config(&target_path, &text, mode_of(&path))?;
         if target != name {
             fs::remove_file(&path).map_err(|e| io_err(&path, "removing", e))?;
         }
-        info!("removed podwire-cni from {}", dir.join(&target).display());
+        info!("removed podwire-cni from {}", shown(&target_path, &written));
         changed.push(target);
     }
     let bin = args.cni_bin_dir.join(PLUGIN_BIN);
@@ -329,6 +411,7 @@ pub async fn keep_chained(
     let mut events = crate::watcher::watch_dirs(&[&args.cni_conf_dir, &args.cni_bin_dir])?;
     let mut fights = FightDetector::default();
     let mut announced = false;
+    let mut announced_watch = false;
     let mut chained_once = false;
     loop {
         let state = ensure_chained(&args.cni_conf_dir, &entry)?;
@@ -360,6 +443,18 @@ pub async fn keep_chained(
                     );
                 }
             }
+        }
+        // A config behind a symlink is rewritten where it lives: watch there too.
+        for dir in link_target_dirs(&args.cni_conf_dir) {
+            events.watch_also(&dir);
+        }
+        if watch && !announced_watch {
+            info!(
+                "watching {} and {} for changes",
+                args.cni_conf_dir.display(),
+                args.cni_bin_dir.display()
+            );
+            announced_watch = true;
         }
         let chained = !matches!(state, ChainState::NoPrimary);
         chained_once |= chained;

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::pods_dir::{PodStore, Pods};
 use podwire_core::lookup::{
-    self, LookupRequest, LookupResponse, LookupStatus, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    self, LookupRequest, LookupResponse, LookupStatus, PodMatch, PROTOCOL_VERSION,
 };
 use podwire_core::PodInfo;
 use std::fs;
@@ -25,11 +25,16 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufRead
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-/// How long a client has to send its request line.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client has to send its request line. The plugin writes it right after
+/// connecting; idle clients must give their slot back well within the plugin's own 2 s.
+pub const READ_TIMEOUT: Duration = Duration::from_millis(500);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Connections handled at once; each may buffer up to [`MAX_MESSAGE_BYTES`].
-const MAX_CONNECTIONS: usize = 32;
+/// Connections handled at once: high, so that idle clients cannot starve the plugin (each
+/// costs a task and a file descriptor, and is dropped after [`READ_TIMEOUT`]).
+const MAX_CONNECTIONS: usize = 1024;
+/// A request is a namespace, a name and a UID: far below the protocol's message limit, which
+/// keeps [`MAX_CONNECTIONS`] buffers small.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 /// The bound socket's file. Dropping it removes the file, unless it has been replaced by
 /// another socket in the meantime (another agent's, which is not ours to remove).
@@ -111,7 +116,8 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
     Ok((listener, file))
 }
 
-/// Looks a pod up in the API server (the `run` mode's fallback for pods not in the cache).
+/// Looks a pod up in the API server (the `run` mode's fallback for pods not in the cache):
+/// `Ok(None)` only for the API server's own 404; `Err` for anything that is not an answer.
 pub type Fallback = Arc<
     dyn Fn(String, String) -> Pin<Box<dyn Future<Output = Result<Option<PodInfo>, String>> + Send>>
         + Send
@@ -154,36 +160,99 @@ impl Source {
     }
 
     async fn resolve(&self, line: &[u8]) -> LookupResponse {
-        let response = answer(line, &self.store.snapshot());
-        if !matches!(response.status, LookupStatus::NotFound) {
-            return response;
-        }
-        let Ok(mut request) = serde_json::from_slice::<LookupRequest>(line) else {
-            return response;
+        let request = match parse_request(line) {
+            Ok(request) => request,
+            Err(response) => return response,
         };
-        if request.namespace.is_empty() {
-            request.namespace = "default".to_owned();
-        }
-        let synced = self.synced();
-        match &self.fallback {
-            Some(get) => match get(request.namespace.clone(), request.name.clone()).await {
-                Ok(Some(pod)) if lookup::matches(&pod, &request) => {
-                    LookupResponse::new(LookupStatus::Found { pod: Box::new(pod) })
-                }
-                Ok(_) => response,
-                // The API server cannot be asked: a synced cache's miss still stands.
-                Err(_) if synced => response,
-                Err(e) => LookupResponse::new(LookupStatus::NotReady {
-                    message: format!(
-                        "pod cache not synced yet and the API server did not answer: {e}"
-                    ),
-                }),
-            },
-            None if !synced => LookupResponse::new(LookupStatus::NotReady {
-                message: "pod cache not synced yet".to_owned(),
+        let pods = self.store.snapshot();
+        let held = local(&pods, &request);
+        let response = match held {
+            Held::Found(pod) => LookupResponse::new(LookupStatus::Found { pod }),
+            Held::Unreadable(problem) => LookupResponse::new(LookupStatus::Error {
+                message: format!(
+                    "the manifest of pod {}/{} cannot be read, so whether it is a mesh pod is \
+                     unknown: {problem}; fix the manifest",
+                    request.namespace, request.name
+                ),
             }),
-            None => response,
+            Held::OtherUid(_) | Held::Absent => match &self.fallback {
+                Some(get) => self.ask_api_server(get, &request, &held).await,
+                None => LookupResponse::new(self.miss(&pods, &request, &held)),
+            },
+        };
+        tracing::debug!(
+            "look-up {}/{}{}: {}",
+            request.namespace,
+            request.name,
+            if request.uid.is_empty() {
+                String::new()
+            } else {
+                format!(" uid {}", request.uid)
+            },
+            outcome(&response.status)
+        );
+        response
+    }
+
+    /// A miss without an API server to ask: `notFound` only from a complete source.
+    fn miss(&self, pods: &Pods, request: &LookupRequest, held: &Held) -> LookupStatus {
+        if let Held::OtherUid(uid) = held {
+            return lookup::other_uid(request, uid, "the pod source");
         }
+        if !self.synced() {
+            return LookupStatus::NotReady {
+                message: "pod cache not synced yet".to_owned(),
+            };
+        }
+        match pods.degraded() {
+            [] => LookupStatus::NotFound,
+            problems => LookupStatus::NotReady {
+                message: format!(
+                    "pod {}/{} is not among the readable manifests, but {} manifest \
+                     problem(s) may hide it: {}; fix the manifests",
+                    request.namespace,
+                    request.name,
+                    problems.len(),
+                    problems.join("; ")
+                ),
+            },
+        }
+    }
+
+    /// The cache cannot answer (no such pod, or another UID): only the API server can. Its
+    /// 404 is "not found"; anything else it cannot tell is unknown, synced cache or not.
+    async fn ask_api_server(
+        &self,
+        get: &Fallback,
+        request: &LookupRequest,
+        held: &Held,
+    ) -> LookupResponse {
+        let cache = match held {
+            Held::OtherUid(uid) => format!("the node's pod cache holds UID {uid}"),
+            _ => "not in the node's pod cache".to_owned(),
+        };
+        let status = match get(request.namespace.clone(), request.name.clone()).await {
+            Ok(Some(pod)) => match lookup::pod_match(&pod, request) {
+                PodMatch::Same => LookupStatus::Found { pod: Box::new(pod) },
+                PodMatch::OtherUid { held } => lookup::other_uid(request, &held, "the API server"),
+                PodMatch::Different => LookupStatus::Error {
+                    message: format!(
+                        "the API server answered another pod ({}) for {}/{}",
+                        pod.display_name(),
+                        request.namespace,
+                        request.name
+                    ),
+                },
+            },
+            Ok(None) => LookupStatus::NotFound,
+            Err(e) => LookupStatus::NotReady {
+                message: format!(
+                    "pod {}/{}: {cache} and the API server did not answer: {e}",
+                    request.namespace, request.name
+                ),
+            },
+        };
+        LookupResponse::new(status)
     }
 }
 
@@ -228,8 +297,8 @@ async fn handle_connection(stream: UnixStream, source: &Source) {
     let (read, mut write) = stream.into_split();
     let response = match tokio::time::timeout(READ_TIMEOUT, read_request(read)).await {
         Err(_) => error(format!(
-            "no request line within {}s",
-            READ_TIMEOUT.as_secs()
+            "no request line within {} ms",
+            READ_TIMEOUT.as_millis()
         )),
         Ok(Err(err)) => {
             tracing::debug!("reading a request: {err}");
@@ -240,7 +309,7 @@ async fn handle_connection(stream: UnixStream, source: &Source) {
             return;
         }
         Ok(Ok(Request::TooLarge)) => {
-            error(format!("request larger than {MAX_MESSAGE_BYTES} bytes"))
+            error(format!("request larger than {MAX_REQUEST_BYTES} bytes"))
         }
         Ok(Ok(Request::Line(line))) => source.resolve(&line).await,
     };
@@ -274,10 +343,10 @@ enum Request {
     Closed,
 }
 
-/// Reads one line (without its end) of at most [`MAX_MESSAGE_BYTES`]; a client that closes
+/// Reads one line (without its end) of at most [`MAX_REQUEST_BYTES`]; a client that closes
 /// its side after the request instead of ending the line is understood too.
 async fn read_request(read: impl AsyncRead + Unpin) -> io::Result<Request> {
-    let limit = MAX_MESSAGE_BYTES as u64 + 1; // the request plus its newline
+    let limit = MAX_REQUEST_BYTES as u64 + 1; // the request plus its newline
     let mut reader = BufReader::new(read.take(limit));
     let mut line = Vec::new();
     reader.read_until(b'\n', &mut line).await?;
@@ -287,7 +356,7 @@ async fn read_request(read: impl AsyncRead + Unpin) -> io::Result<Request> {
             line.pop();
         }
         Ok(Request::Line(line))
-    } else if line.len() > MAX_MESSAGE_BYTES {
+    } else if line.len() > MAX_REQUEST_BYTES {
         Ok(Request::TooLarge)
     } else if line.is_empty() {
         Ok(Request::Closed)
@@ -300,56 +369,75 @@ fn error(message: String) -> LookupResponse {
     LookupResponse::new(LookupStatus::Error { message })
 }
 
-/// The answer to one request line.
-fn answer(line: &[u8], pods: &Pods) -> LookupResponse {
+/// What the held pods say about a request.
+#[derive(Debug)]
+enum Held {
+    Found(Box<PodInfo>),
+    /// The pod's manifest cannot be read: what is wrong.
+    Unreadable(String),
+    /// The name is held with another UID (this one).
+    OtherUid(String),
+    Absent,
+}
+
+fn local(pods: &Pods, request: &LookupRequest) -> Held {
+    // An unreadable manifest wins over a readable one of the same name: which is meant
+    // cannot be told.
+    if let Some(problem) = pods.unreadable(&request.namespace, &request.name) {
+        return Held::Unreadable(problem.to_owned());
+    }
+    match pods.get(&request.namespace, &request.name) {
+        Some(pod) => match lookup::pod_match(pod, request) {
+            PodMatch::Same => Held::Found(Box::new(pod.clone())),
+            PodMatch::OtherUid { held } => Held::OtherUid(held),
+            PodMatch::Different => Held::Absent,
+        },
+        None => Held::Absent,
+    }
+}
+
+fn outcome(status: &LookupStatus) -> &str {
+    match status {
+        LookupStatus::Found { .. } => "found",
+        LookupStatus::NotFound => "not found",
+        LookupStatus::NotReady { message } | LookupStatus::Error { message } => message,
+    }
+}
+
+/// The request in one line, or the error answer saying what is wrong with it.
+fn parse_request(line: &[u8]) -> Result<LookupRequest, LookupResponse> {
     let value: serde_json::Value = match serde_json::from_slice(line) {
         Ok(value) => value,
-        Err(err) => return error(format!("malformed request: not JSON: {err}")),
+        Err(err) => return Err(error(format!("malformed request: not JSON: {err}"))),
     };
     if !value.is_object() {
-        return error("malformed request: not a JSON object".to_owned());
+        return Err(error("malformed request: not a JSON object".to_owned()));
     }
     match value.get("v") {
-        None => return error("malformed request: no protocol version `v`".to_owned()),
-        Some(v) if v.as_u64() != Some(u64::from(PROTOCOL_VERSION)) => {
-            return error(format!(
-                "unsupported protocol version {v}: this agent speaks version {PROTOCOL_VERSION}"
+        None => {
+            return Err(error(
+                "malformed request: no protocol version `v`".to_owned(),
             ))
+        }
+        Some(v) if v.as_u64() != Some(u64::from(PROTOCOL_VERSION)) => {
+            return Err(error(format!(
+                "unsupported protocol version {v}: this agent speaks version {PROTOCOL_VERSION}"
+            )))
         }
         Some(_) => {}
     }
     let mut request: LookupRequest = match serde_json::from_value(value) {
         Ok(request) => request,
-        Err(err) => return error(format!("malformed request: {err}")),
+        Err(err) => return Err(error(format!("malformed request: {err}"))),
     };
     if request.name.is_empty() {
-        return error("malformed request: empty pod name".to_owned());
+        return Err(error("malformed request: empty pod name".to_owned()));
     }
     // As for a manifest, no namespace means `default` (the plugin under podman knows no other).
     if request.namespace.is_empty() {
         request.namespace = "default".to_owned();
     }
-    let (status, outcome) = match pods.get(&request.namespace, &request.name) {
-        Some(pod) if lookup::matches(pod, &request) => (
-            LookupStatus::Found {
-                pod: Box::new(pod.clone()),
-            },
-            "found",
-        ),
-        Some(_) => (LookupStatus::NotFound, "not found (another UID)"),
-        None => (LookupStatus::NotFound, "not found"),
-    };
-    tracing::debug!(
-        "look-up {}/{}{}: {outcome}",
-        request.namespace,
-        request.name,
-        if request.uid.is_empty() {
-            String::new()
-        } else {
-            format!(" uid {}", request.uid)
-        }
-    );
-    LookupResponse::new(status)
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -369,8 +457,18 @@ mod tests {
         pods
     }
 
+    fn status_in(pods: Pods, line: &str) -> LookupStatus {
+        let store = Arc::new(PodStore::default());
+        store.replace(pods);
+        let source = Source::directory(store);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(source.resolve(line.as_bytes())).status
+    }
+
     fn status(line: &str) -> LookupStatus {
-        answer(line.as_bytes(), &pods()).status
+        status_in(pods(), line)
     }
 
     fn error_message(line: &str) -> String {
@@ -388,14 +486,50 @@ mod tests {
         assert!(found(
             r#"{"v":1,"namespace":"shop","name":"web","uid":"any"}"#
         ));
-        assert!(!found(
-            r#"{"v":1,"namespace":"default","name":"web","uid":"u-2"}"#
-        ));
         assert!(!found(r#"{"v":1,"namespace":"shop","name":"api"}"#));
         assert_eq!(
             status(r#"{"v":1,"namespace":"other","name":"web"}"#),
             LookupStatus::NotFound
         );
+    }
+
+    #[test]
+    fn another_uid_is_unknown_never_not_found() {
+        match status(r#"{"v":1,"namespace":"default","name":"web","uid":"u-2"}"#) {
+            LookupStatus::NotReady { message } => {
+                assert!(
+                    message.contains("UID u-1") && message.contains("UID u-2"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unreadable_manifests_make_answers_unknown() {
+        let mut with_pod = pods();
+        with_pod.mark_unreadable("shop", "db-0", "db.yaml: labels.app".into());
+        match status_in(with_pod, r#"{"v":1,"namespace":"shop","name":"db-0"}"#) {
+            LookupStatus::Error { message } => assert!(message.contains("db.yaml"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let mut degraded = pods();
+        degraded.mark_degraded("broken.json: EOF while parsing".into());
+        match status_in(
+            degraded.clone(),
+            r#"{"v":1,"namespace":"shop","name":"db-0"}"#,
+        ) {
+            LookupStatus::NotReady { message } => {
+                assert!(message.contains("broken.json"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // What can be read is still served.
+        assert!(matches!(
+            status_in(degraded, r#"{"v":1,"namespace":"default","name":"web"}"#),
+            LookupStatus::Found { .. }
+        ));
     }
 
     #[test]
@@ -423,10 +557,10 @@ mod tests {
         );
         assert_eq!(read(b"{}").await.ok(), Some(Request::Line(b"{}".to_vec())));
         assert_eq!(read(b"").await.ok(), Some(Request::Closed));
-        let mut big = vec![b'x'; MAX_MESSAGE_BYTES];
+        let mut big = vec![b'x'; MAX_REQUEST_BYTES];
         big.push(b'\n');
         let got = read_request(&big[..]).await.ok();
-        assert!(matches!(got, Some(Request::Line(l)) if l.len() == MAX_MESSAGE_BYTES));
+        assert!(matches!(got, Some(Request::Line(l)) if l.len() == MAX_REQUEST_BYTES));
         big.insert(0, b'x');
         assert_eq!(read_request(&big[..]).await.ok(), Some(Request::TooLarge));
     }

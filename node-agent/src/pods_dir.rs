@@ -4,8 +4,12 @@
 //! i.e. editor and lock files starting with `.`, are not). A YAML file may hold several
 //! documents separated by `---`; a JSON file may hold several JSON values one after the other.
 //! Documents of `kind: Pod` are kept, `kind: List` / `PodList` are looked into, anything else
-//! (Deployments, Services, ...) is ignored. A document that cannot be used is reported and
-//! skipped: it never hides the other documents of its file, nor the other files.
+//! (Deployments, Services, ...) is ignored. A document that cannot be used never hides the
+//! other documents of its file, nor the other files, but it is not forgotten either: a pod
+//! whose manifest cannot be read is *unknown*, never "not a mesh pod". When its namespace/name
+//! can be recovered, look-ups of that pod are answered with the error (file, document, field);
+//! when not, the whole directory is *degraded*: a name it does not hold is then unknown too,
+//! since the unreadable document may be that pod.
 
 use crate::error::Error;
 use podwire_core::PodInfo;
@@ -21,11 +25,16 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
-/// Pods keyed by namespace then name.
+/// Pods keyed by namespace then name, and what could not be read.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Pods {
     by_namespace: HashMap<String, HashMap<String, PodInfo>>,
     len: usize,
+    /// Pods whose manifest could not be read, by (namespace, name): what is wrong.
+    unreadable: HashMap<(String, String), String>,
+    /// Problems that may hide a pod whose name cannot be recovered (a syntax error, a truncated
+    /// or unreadable file, ...). While there is one, "not found" is not an answer.
+    degraded: Vec<String>,
 }
 
 impl Pods {
@@ -36,6 +45,46 @@ impl Pods {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// What is wrong with the manifest of `namespace/name`, if it could not be read.
+    pub fn unreadable(&self, namespace: &str, name: &str) -> Option<&str> {
+        self.unreadable
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .map(String::as_str)
+    }
+
+    /// Problems that keep the source from ruling any pod out (empty when it can).
+    pub fn degraded(&self) -> &[String] {
+        &self.degraded
+    }
+
+    /// Records the manifest of `namespace/name` as unreadable (the first problem is kept).
+    pub fn mark_unreadable(&mut self, namespace: &str, name: &str, problem: String) {
+        self.unreadable
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert(problem);
+    }
+
+    pub fn mark_degraded(&mut self, problem: String) {
+        self.degraded.push(problem);
+    }
+
+    /// What a person must know about this set after a (re)load, when something is wrong.
+    pub fn health(&self) -> Option<String> {
+        match (self.unreadable.len(), self.degraded.len()) {
+            (0, 0) => None,
+            (pods, 0) => Some(format!(
+                "DEGRADED: {pods} pod(s) have manifests that cannot be read; their look-ups fail \
+                 (the plugin fails closed) until the manifests are fixed"
+            )),
+            (pods, problems) => Some(format!(
+                "DEGRADED: {pods} pod(s) have manifests that cannot be read and {problems} \
+                 problem(s) hide which pods a manifest defines; until they are fixed, a pod not \
+                 found is answered as unknown (the plugin fails closed): {}",
+                self.degraded.join("; ")
+            )),
+        }
     }
 
     #[cfg(test)]
@@ -96,13 +145,15 @@ impl PodStore {
 }
 
 /// Reads every manifest in `dir`. Only a directory that cannot be listed is an error; problems
-/// with single files or documents are logged (with the file name) and skipped.
+/// with single files or documents are logged (with the file name) and recorded in the result:
+/// per pod when its namespace/name can be recovered, else as a degradation of the whole set.
 pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
     let entries = fs::read_dir(dir).map_err(|source| Error::PodsDir {
         path: dir.to_owned(),
         source,
     })?;
     let mut files: Vec<PathBuf> = Vec::new();
+    let mut listing_problems = Vec::new();
     for entry in entries {
         match entry {
             Ok(entry) => {
@@ -111,13 +162,14 @@ pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
                     files.push(path);
                 }
             }
-            Err(source) => tracing::warn!(
-                "{}",
-                Error::PodsDir {
+            Err(source) => {
+                let err = Error::PodsDir {
                     path: dir.to_owned(),
-                    source
-                }
-            ),
+                    source,
+                };
+                tracing::warn!("{err}");
+                listing_problems.push(err.to_string());
+            }
         }
     }
     // Sorted, so that when two files define the same pod the outcome does not depend on
@@ -125,18 +177,33 @@ pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
     files.sort();
 
     let mut pods = Pods::default();
+    for problem in listing_problems {
+        pods.mark_degraded(problem);
+    }
     for path in files {
         let text = match read_manifest(&path) {
             Ok(Some(text)) => text,
             Ok(None) => continue,
             Err(err) => {
-                tracing::warn!("{err}");
+                tracing::warn!("{err}: any pod not found is unknown until it can be read");
+                pods.mark_degraded(err.to_string());
                 continue;
             }
         };
         let (found, problems) = parse_manifest(&path, &text);
         for problem in problems {
-            tracing::warn!("{problem}");
+            match problem.pod() {
+                Some((namespace, name)) => {
+                    tracing::warn!(
+                        "{problem}: look-ups of pod {namespace}/{name} fail until it is fixed"
+                    );
+                    pods.mark_unreadable(namespace, name, problem.to_string());
+                }
+                None => {
+                    tracing::warn!("{problem}: any pod not found is unknown until it is fixed");
+                    pods.mark_degraded(problem.to_string());
+                }
+            }
         }
         for pod in found {
             let name = pod.display_name();
@@ -206,12 +273,13 @@ pub fn parse_manifest(path: &Path, text: &str) -> (Vec<PodInfo>, Vec<Error>) {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut pods = Vec::new();
     let mut problems = Vec::new();
-    let mut report = |index: usize, line: usize, message: String| {
+    let mut report = |index: usize, line: usize, problem: Problem| {
         problems.push(Error::Document {
             path: path.to_owned(),
             index,
             line,
-            message,
+            message: problem.message,
+            pod: problem.pod,
         });
     };
 
@@ -234,14 +302,14 @@ pub fn parse_manifest(path: &Path, text: &str) -> (Vec<PodInfo>, Vec<Error>) {
                             report(index, line, message);
                         }
                     }
-                    Err(err) => report(index, line, err.to_string()),
+                    Err(err) => report(index, line, Problem::anonymous(err.to_string())),
                 },
                 Some(Err(err)) => {
                     // A JSON stream cannot be resynchronised after a syntax error.
                     report(
                         index,
                         line,
-                        format!("{err} (the rest of the file is skipped)"),
+                        Problem::anonymous(format!("{err} (the rest of the file is skipped)")),
                     );
                     break;
                 }
@@ -255,7 +323,7 @@ pub fn parse_manifest(path: &Path, text: &str) -> (Vec<PodInfo>, Vec<Error>) {
                         report(index + 1, line, message);
                     }
                 }
-                Err(err) => report(index + 1, line, err.to_string()),
+                Err(err) => report(index + 1, line, Problem::anonymous(err.to_string())),
             }
         }
     }
@@ -306,15 +374,28 @@ fn yaml_documents(text: &str) -> Vec<(usize, String)> {
     documents
 }
 
+/// What is wrong with one document, and the pod it is about when that can be told.
+#[derive(Debug)]
+struct Problem {
+    message: String,
+    pod: Option<(String, String)>,
+}
+
+impl Problem {
+    fn anonymous(message: String) -> Problem {
+        Problem { message, pod: None }
+    }
+}
+
 /// Adds the pods `value` holds to `pods`; returns what is wrong with it (nothing for a document
 /// of another kind, which is simply not a pod).
-fn collect_pods(value: Value, pods: &mut Vec<PodInfo>) -> Vec<String> {
+fn collect_pods(value: Value, pods: &mut Vec<PodInfo>) -> Vec<Problem> {
     let mut problems = Vec::new();
     let kind = value.get("kind").map(|k| k.as_str().map(str::to_owned));
     match kind.as_ref().map(|k| k.as_deref()) {
         Some(Some("Pod")) => match pod_from(value) {
             Ok(pod) => pods.push(pod),
-            Err(message) => problems.push(message),
+            Err(problem) => problems.push(problem),
         },
         Some(Some(kind @ ("List" | "PodList"))) => {
             let implied_pod = kind == "PodList";
@@ -325,39 +406,179 @@ fn collect_pods(value: Value, pods: &mut Vec<PodInfo>) -> Vec<String> {
                 Some(Value::Sequence(items)) => items,
                 None | Some(Value::Null) => Vec::new(),
                 Some(_) => {
-                    problems.push(format!("{kind}: `items` is not a list"));
+                    problems.push(Problem::anonymous(format!("{kind}: `items` is not a list")));
                     return problems;
                 }
             };
             for (i, item) in items.into_iter().enumerate() {
-                let kind = item.get("kind").and_then(Value::as_str);
-                if kind == Some("Pod") || (kind.is_none() && implied_pod) {
-                    match pod_from(item) {
-                        Ok(pod) => pods.push(pod),
-                        Err(message) => problems.push(format!("items[{i}]: {message}")),
-                    }
-                } else {
-                    tracing::debug!("ignoring items[{i}] of kind {}", kind.unwrap_or("<none>"));
+                match item.get("kind").map(Value::as_str) {
+                    Some(Some("Pod")) => collect_item(i, item, pods, &mut problems),
+                    None if implied_pod => collect_item(i, item, pods, &mut problems),
+                    Some(Some(kind)) => tracing::debug!("ignoring items[{i}] of kind {kind}"),
+                    // No kind, or not a string, outside a PodList: may be a pod, cannot tell.
+                    _ => problems.push(Problem {
+                        message: format!("items[{i}]: `kind` missing or not a string"),
+                        pod: pod_key(&item),
+                    }),
                 }
             }
         }
         Some(Some(kind)) => tracing::debug!("ignoring a document of kind {kind}"),
-        Some(None) => problems.push("`kind` is not a string".to_owned()),
+        Some(None) => problems.push(Problem {
+            message: "`kind` is not a string".to_owned(),
+            pod: pod_key(&value),
+        }),
         None if matches!(value, Value::Null) => {}
-        None => problems.push("not a Kubernetes object (no `kind`): ignored".to_owned()),
+        None => problems.push(Problem {
+            message: "not a Kubernetes object (no `kind`)".to_owned(),
+            pod: pod_key(&value),
+        }),
     }
     problems
 }
 
-fn pod_from(value: Value) -> Result<PodInfo, String> {
-    let pod: PodInfo = serde_yaml_ng::from_value(value).map_err(|err| format!("Pod: {err}"))?;
+fn collect_item(i: usize, item: Value, pods: &mut Vec<PodInfo>, problems: &mut Vec<Problem>) {
+    match pod_from(item) {
+        Ok(pod) => pods.push(pod),
+        Err(mut problem) => {
+            problem.message = format!("items[{i}]: {}", problem.message);
+            problems.push(problem);
+        }
+    }
+}
+
+/// (namespace, name) of a document that could not be read as a Pod, when it has a name.
+fn pod_key(value: &Value) -> Option<(String, String)> {
+    let metadata = value.get("metadata")?;
+    let name = metadata.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = match metadata.get("namespace").map(Value::as_str) {
+        None | Some(Some("")) => "default",
+        Some(Some(ns)) => ns,
+        // A namespace that is not a string: the pod cannot be placed.
+        Some(None) => return None,
+    };
+    Some((namespace.to_owned(), name.to_owned()))
+}
+
+fn pod_from(value: Value) -> Result<PodInfo, Problem> {
+    let pod: PodInfo = match serde_yaml_ng::from_value(value.clone()) {
+        Ok(pod) => pod,
+        Err(err) => {
+            let at = error_path(&value)
+                .map(|path| format!(" at {path}"))
+                .unwrap_or_default();
+            let key = pod_key(&value);
+            let who = key
+                .as_ref()
+                .map(|(ns, name)| format!(" {ns}/{name}"))
+                .unwrap_or_default();
+            return Err(Problem {
+                message: format!("Pod{who} cannot be read{at}: {err}"),
+                pod: key,
+            });
+        }
+    };
     if pod.metadata.name.is_empty() {
-        return Err(format!(
+        return Err(Problem::anonymous(format!(
             "Pod {} has no metadata.name, so it cannot be looked up",
             pod.display_name()
-        ));
+        )));
     }
     Ok(pod)
+}
+
+/// One step of a path into a YAML value.
+#[derive(Debug, Clone)]
+enum Step {
+    Key(Value),
+    Index(usize),
+}
+
+fn child<'a>(value: &'a Value, step: &Step) -> Option<&'a Value> {
+    match (value, step) {
+        (Value::Mapping(map), Step::Key(key)) => map.get(key),
+        (Value::Sequence(seq), Step::Index(i)) => seq.get(*i),
+        _ => None,
+    }
+}
+
+/// `value` without the node at `path`.
+fn without(value: &Value, path: &[Step]) -> Value {
+    let mut value = value.clone();
+    let Some((last, parents)) = path.split_last() else {
+        return value;
+    };
+    let mut node = &mut value;
+    for step in parents {
+        let next = match (node, step) {
+            (Value::Mapping(map), Step::Key(key)) => map.get_mut(key),
+            (Value::Sequence(seq), Step::Index(i)) => seq.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return value,
+        }
+    }
+    match (node, last) {
+        (Value::Mapping(map), Step::Key(key)) => {
+            map.remove(key);
+        }
+        (Value::Sequence(seq), Step::Index(i)) if *i < seq.len() => {
+            seq.remove(*i);
+        }
+        _ => {}
+    }
+    value
+}
+
+/// The field that keeps `value` from being read as a Pod (`metadata.labels.app`), found by
+/// removing nodes until it reads: serde's errors from a `Value` carry no path. Only run on the
+/// error path, on one small document.
+fn error_path(value: &Value) -> Option<String> {
+    let reads = |v: &Value| serde_yaml_ng::from_value::<PodInfo>(v.clone()).is_ok();
+    let mut path: Vec<Step> = Vec::new();
+    let mut node = value;
+    'descend: loop {
+        let steps: Vec<Step> = match node {
+            Value::Mapping(map) => map.keys().cloned().map(Step::Key).collect(),
+            Value::Sequence(seq) => (0..seq.len()).map(Step::Index).collect(),
+            _ => break,
+        };
+        for step in steps {
+            let mut candidate = path.clone();
+            candidate.push(step.clone());
+            if reads(&without(value, &candidate)) {
+                match child(node, &step) {
+                    Some(next) => node = next,
+                    None => break 'descend,
+                }
+                path = candidate;
+                continue 'descend;
+            }
+        }
+        break;
+    }
+    if path.is_empty() {
+        return None;
+    }
+    let mut text = String::new();
+    for step in &path {
+        match step {
+            Step::Key(Value::String(key)) => {
+                if !text.is_empty() {
+                    text.push('.');
+                }
+                text.push_str(key);
+            }
+            Step::Key(other) => {
+                let key = serde_yaml_ng::to_string(other).unwrap_or_default();
+                text.push_str(&format!("[{}]", key.trim()));
+            }
+            Step::Index(i) => text.push_str(&format!("[{i}]")),
+        }
+    }
+    Some(text)
 }
 
 #[cfg(test)]
@@ -453,6 +674,34 @@ mod tests {
         assert!(pods.is_empty());
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].to_string().contains("no metadata.name"));
+    }
+
+    #[test]
+    fn unreadable_pods_are_named_with_the_field() {
+        let (pods, problems) = parse(
+            "db.yaml",
+            "kind: Pod\nmetadata: {name: db-0, namespace: shop, labels: {app: 5}}\n---\n\
+             kind: Pod\nmetadata: {name: web}\nspec:\n  containers:\n  - name: istio-proxy\n    \
+             securityContext: {runAsUser: \"1337; -j DROP\"}\n",
+        );
+        assert!(pods.is_empty(), "{pods:?}");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].pod(), Some(("shop", "db-0")));
+        let first = problems[0].to_string();
+        assert!(
+            first.contains("db.yaml") && first.contains("at metadata.labels.app"),
+            "{first}"
+        );
+        assert_eq!(problems[1].pod(), Some(("default", "web")));
+        let second = problems[1].to_string();
+        assert!(
+            second.contains("spec.containers[0].securityContext.runAsUser"),
+            "{second}"
+        );
+        // A syntax error hides the name: no pod to blame.
+        let (_, problems) = parse("t.json", "{\"kind\":\"Pod\",\"metadata\":{\"name\":\"x\"");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].pod(), None);
     }
 
     #[test]

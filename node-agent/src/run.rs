@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
 pub const CONDITION: &str = "PodwireReady";
@@ -66,9 +65,6 @@ pub struct RunArgs {
         value_name = "PATH"
     )]
     pub socket: PathBuf,
-    /// Where the plugin leaves a record per redirected pod (its stateDir).
-    #[arg(long, default_value = "/var/run/podwire/state", value_name = "DIR")]
-    pub state_dir: PathBuf,
     /// `/healthz`, `/readyz`, `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9964", value_name = "ADDR")]
     pub status_addr: String,
@@ -136,7 +132,9 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             Duration::from_secs(args.heartbeat.max(1)),
         ));
     }
+    // Everything the plugin must agree on with this agent goes into its entry.
     install_args.agent_socket = args.socket.clone();
+    install_args.agent_namespace = Some(args.namespace.clone());
 
     tokio::spawn(watch_pods(
         client.clone(),
@@ -149,8 +147,12 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let fallback: Fallback = Arc::new(move |ns: String, name: String| {
         let api: Api<Pod> = Api::namespaced(pods_api.clone().into_client(), &ns);
         Box::pin(async move {
+            // Only the API server's 404 is "no such pod" (`get_opt` gives `None` for it).
             match api.get_opt(&name).await {
-                Ok(pod) => Ok(pod.and_then(|p| slim(&p))),
+                Ok(Some(pod)) => slim(&pod)
+                    .map(Some)
+                    .ok_or_else(|| "the API server's pod cannot be read".to_owned()),
+                Ok(None) => Ok(None),
                 Err(e) => Err(e.to_string()),
             }
         })
@@ -317,8 +319,18 @@ async fn watch_pods(
                 state.metrics.synced.store(true, Ordering::Relaxed);
             }
             Ok(Some(Event::Apply(pod))) => {
-                if let Some(info) = slim(&pod) {
-                    current.insert(info);
+                match slim(&pod) {
+                    Some(info) => {
+                        current.insert(info);
+                    }
+                    // Not kept stale: a miss asks the API server, which is then unknown too.
+                    None => {
+                        let (ns, name) = key(&pod);
+                        warn!(
+                            "pod {ns}/{name} cannot be read from the watch: dropped from the cache"
+                        );
+                        current.remove(&ns, &name);
+                    }
                 }
                 lock(&state.phases).insert(key(&pod), phase(&pod));
                 store.replace(current.clone());
@@ -363,7 +375,7 @@ impl RunArgs {
         HeartbeatArgs {
             period: Duration::from_secs(self.heartbeat.max(1)),
             repair: self.repair,
-            state_dir: self.state_dir.clone(),
+            state_dir: self.install.state_dir.clone(),
             namespace: self.namespace.clone(),
             remove_startup_taint: self.remove_startup_taint,
         }
@@ -579,11 +591,13 @@ async fn repair(
             Err(e) => format!("pod runs without redirection on node {node}; {action} failed: {e}"),
         };
         warn!(pod = %format!("{ns}/{name}"), "{message}");
+        lock(&state.handled).insert(uid.clone());
+        event(client, &ns, &name, &uid, "PodwireUninitialized", &message).await;
+        // Counted once the repair is complete, Event included: whoever reads the metric sees
+        // a finished repair.
         state
             .metrics
             .repaired(if result.is_ok() { action } else { "failed" });
-        lock(&state.handled).insert(uid.clone());
-        event(client, &ns, &name, &uid, "PodwireUninitialized", &message).await;
     }
 }
 
@@ -678,46 +692,86 @@ async fn plugin_credentials(
     }
 }
 
-/// A tiny HTTP/1.1 responder for probes and scrapes: GET only, one request per connection.
+/// Probes and scrapes over HTTP/1.1 (hyper: a request split over several TCP segments is
+/// read whole). GET only; any other method gets 405.
 async fn serve_status(listener: tokio::net::TcpListener, state: Arc<State>) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                warn!("status server: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (code, ctype, body) = match path {
-                "/healthz" => (200, "text/plain", "ok\n".to_string()),
-                "/readyz" => {
-                    let (ready, message) = readiness(&state);
-                    (
-                        if ready { 200 } else { 503 },
-                        "text/plain",
-                        format!("{message}\n"),
-                    )
-                }
-                "/metrics" => (200, "text/plain; version=0.0.4", state.metrics.render()),
-                _ => (
-                    404,
-                    "text/plain",
-                    "not found: try /healthz, /readyz, /metrics\n".to_string(),
-                ),
-            };
-            let reason = match code {
-                200 => "OK",
-                503 => "Service Unavailable",
-                _ => "Not Found",
-            };
-            let _ = conn
-                .write_all(format!("HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
-                .await;
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(status_response(&req, &state)) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            // A client that never finishes its headers does not hold a task forever; one
+            // request per connection (`Connection: close`), as probes and scrapes need no more.
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("status server connection: {e}");
+            }
         });
     }
+}
+
+fn status_response<B>(
+    req: &hyper::Request<B>,
+    state: &State,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{Method, StatusCode};
+    let (code, ctype, body) = if req.method() != Method::GET {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            format!("method {} not allowed: use GET\n", req.method()),
+        )
+    } else {
+        match req.uri().path() {
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            "/readyz" => {
+                let (ready, message) = readiness(state);
+                let code = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, "text/plain", format!("{message}\n"))
+            }
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /healthz, /readyz, /metrics\n".to_string(),
+            ),
+        }
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    if code == StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET"),
+        );
+    }
+    response
 }

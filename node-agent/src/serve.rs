@@ -13,8 +13,10 @@ use tokio::signal::unix::{signal, SignalKind};
 /// Every *.yaml, *.yml and *.json file directly in DIR is read (hidden files are not). A file
 /// may hold several documents (YAML `---`, or JSON values one after another); documents of
 /// kind Pod are served, List/PodList items are looked into, other kinds are ignored. A
-/// document that cannot be read is logged with its file name and skipped. DIR is read again
-/// whenever it changes. Pods are keyed by namespace (`default` when empty) and name.
+/// document that cannot be read is logged with its file name and never makes a pod "not
+/// found": its pod's look-ups get the error, and while a document's pod cannot even be named,
+/// every pod not found is answered as unknown. DIR is read again whenever it changes. Pods are
+/// keyed by namespace (`default` when empty) and name.
 ///
 /// Stops on SIGTERM or SIGINT, removing the socket.
 #[derive(Debug, clap::Args)]
@@ -50,6 +52,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let watch = DirWatch::start(&dir)?;
     let pods = pods_dir::load_dir(&dir)?;
     tracing::info!("loaded {} pods from {}", pods.len(), dir.display());
+    if let Some(health) = pods.health() {
+        tracing::warn!("{}: {health}", dir.display());
+    }
     let store = Arc::new(PodStore::default());
     store.replace(pods);
     let _watch = watch.spawn_reloads(Arc::clone(&store));

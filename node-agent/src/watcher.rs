@@ -106,6 +106,9 @@ async fn reload(dir: &Path, store: &PodStore) {
     match tokio::task::spawn_blocking(move || pods_dir::load_dir(&path)).await {
         Ok(Ok(pods)) => {
             tracing::info!("reloaded {} pods from {}", pods.len(), dir.display());
+            if let Some(health) = pods.health() {
+                tracing::warn!("{}: {health}", dir.display());
+            }
             store.replace(pods);
         }
         Ok(Err(err)) => tracing::error!(
@@ -144,12 +147,25 @@ mod tests {
 #[derive(Debug)]
 pub struct DirEvents {
     rx: mpsc::UnboundedReceiver<()>,
-    _watcher: RecommendedWatcher,
+    watcher: RecommendedWatcher,
+    watched: Vec<PathBuf>,
 }
 
 impl DirEvents {
     pub async fn recv(&mut self) -> Option<()> {
         self.rx.recv().await
+    }
+
+    /// Watch one more directory (e.g. where a symlinked config really lives), once.
+    pub fn watch_also(&mut self, dir: &Path) {
+        if self.watched.iter().any(|d| d == dir) {
+            return;
+        }
+        match self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => self.watched.push(dir.to_path_buf()),
+            // The periodic pass still catches changes there, only later.
+            Err(e) => tracing::warn!("cannot watch {}: {e}", dir.display()),
+        }
     }
 
     /// Forget queued notifications (one re-read covers them all).
@@ -183,6 +199,7 @@ pub fn watch_dirs(dirs: &[&Path]) -> Result<DirEvents, Error> {
     }
     Ok(DirEvents {
         rx,
-        _watcher: watcher,
+        watcher,
+        watched: dirs.iter().map(|d| d.to_path_buf()).collect(),
     })
 }

@@ -186,7 +186,15 @@ fn install_waits_for_a_primary_config() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(300));
+    // It says it waits (the event), and is then still running.
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let said = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("no primary CNI config"));
+    assert!(said.is_some(), "install did not say it waits");
+    std::thread::spawn(move || lines.for_each(drop));
     assert!(
         child.try_wait().expect("wait").is_none(),
         "install must wait while there is no primary config"
@@ -211,6 +219,114 @@ fn install_waits_for_a_primary_config() {
     assert_eq!(
         podwire_entries(&fs::read_to_string(d.conf.join("10-bridge.conflist")).expect("read")),
         1
+    );
+}
+
+/// Runs `podwire-agent CMD` to completion, failing (not hanging) past `limit`.
+fn agent_within(cmd: &str, d: &Dirs, limit: Duration) -> std::process::ExitStatus {
+    let mut child = Command::new(AGENT)
+        .arg(cmd)
+        .args(args(d))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("podwire-agent {cmd} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 9, item 3: `10-bridge.conflist -> ../real/bridge.conflist`, as config managers do.
+#[test]
+fn a_symlinked_primary_is_chained_through_the_link_and_restored() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dirs(None);
+    let real = d.conf.parent().expect("tmp").join("real");
+    fs::create_dir_all(&real).expect("mkdir");
+    let original = r#"{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge"}]}"#;
+    fs::write(real.join("bridge.conflist"), original).expect("target");
+    fs::set_permissions(
+        real.join("bridge.conflist"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .expect("chmod");
+    let link = d.conf.join("10-bridge.conflist");
+    std::os::unix::fs::symlink("../real/bridge.conflist", &link).expect("symlink");
+    let is_our_link = || {
+        fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink())
+            && fs::read_link(&link).is_ok_and(|t| t == Path::new("../real/bridge.conflist"))
+    };
+
+    assert!(agent_within("install", &d, Duration::from_secs(10)).success());
+    assert!(
+        is_our_link(),
+        "the link must stay a link to the same target"
+    );
+    let text = fs::read_to_string(real.join("bridge.conflist")).expect("target");
+    assert_eq!(podwire_entries(&text), 1, "{text}");
+    assert_eq!(parsed(&text)["plugins"][0]["type"], "bridge");
+    assert_eq!(
+        fs::metadata(real.join("bridge.conflist"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640,
+        "the target keeps its mode"
+    );
+    let names = |dir: &Path| {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&real), ["bridge.conflist"], "no temp file left");
+    assert_eq!(names(&d.conf), ["10-bridge.conflist"]);
+
+    // --watch: the config manager rewrites the target (temp + rename where it lives).
+    let mut w = Command::new(AGENT)
+        .arg("install")
+        .args(args(&d))
+        .arg("--watch")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn install --watch");
+    let stderr = w.stderr.take().expect("stderr");
+    let w = Watch(w);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("watching")),
+        "install --watch did not start watching"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    let tmp = real.join(".bridge.new");
+    fs::write(&tmp, original).expect("write");
+    fs::rename(&tmp, real.join("bridge.conflist")).expect("rename");
+    wait_until(Duration::from_secs(1), || {
+        fs::read_to_string(real.join("bridge.conflist")).is_ok_and(|t| podwire_entries(&t) == 1)
+    })
+    .expect("re-inserted behind the link within 1s");
+    drop(w);
+
+    assert!(agent_within("uninstall", &d, Duration::from_secs(10)).success());
+    assert!(is_our_link(), "uninstall keeps the link too");
+    assert_eq!(
+        parsed(&fs::read_to_string(real.join("bridge.conflist")).expect("target")),
+        parsed(original)
     );
 }
 

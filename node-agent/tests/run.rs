@@ -41,11 +41,24 @@ impl Agent {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+/// The agent binds the status port itself (`127.0.0.1:0`, kept open) and logs it; the port is
+/// read from its log, which is passed on to the test's stderr.
+fn status_port(stderr: std::process::ChildStderr) -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if let Some(port) = line
+                .split("status on http://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.trim().parse::<u16>().ok())
+            {
+                let _ = tx.send(port);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the agent did not log its status address")
 }
 
 fn pod_on(node: &str, ns: &str, name: &str, mesh: bool, phase: &str) -> Value {
@@ -84,8 +97,7 @@ fn start(api: &ApiServer, extra: &[&str], setup: impl FnOnce(&Path)) -> Agent {
     api.write_kubeconfig(&d.join("kubeconfig"), &api.token)
         .expect("kubeconfig");
     setup(d);
-    let port = free_port();
-    let child = Command::new(agent_bin())
+    let mut child = Command::new(agent_bin())
         .arg("run")
         .args([
             "--node-name",
@@ -93,7 +105,7 @@ fn start(api: &ApiServer, extra: &[&str], setup: impl FnOnce(&Path)) -> Agent {
             "--heartbeat",
             "1",
             "--status-addr",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
         ])
         .arg("--cni-conf-dir")
         .arg(d.join("net.d"))
@@ -110,9 +122,10 @@ fn start(api: &ApiServer, extra: &[&str], setup: impl FnOnce(&Path)) -> Agent {
         .args(extra)
         .env("KUBECONFIG", d.join("kubeconfig"))
         .env_remove("KUBERNETES_SERVICE_HOST")
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn podwire-agent run");
+    let port = status_port(child.stderr.take().expect("stderr"));
     Agent { child, dir, port }
 }
 
@@ -489,8 +502,12 @@ fn pods_that_raced_the_plugin_are_labelled_or_deleted_with_an_event() {
                 |(m, p, _)| m == "DELETE" && p.starts_with("/api/v1/namespaces/app/pods/raced")
             ));
         }
-        // Repaired once, not on every heartbeat.
-        std::thread::sleep(Duration::from_millis(2500));
+        // Repaired once, not on every heartbeat: two more heartbeats (each starts with a GET of
+        // the Node) mean at least one more full repair pass has run.
+        let node_gets = api.count("GET", &format!("/api/v1/nodes/{NODE}"));
+        eventually("two more heartbeats", Duration::from_secs(10), || {
+            api.count("GET", &format!("/api/v1/nodes/{NODE}")) >= node_gets + 2
+        });
         assert_eq!(api.count("POST", "/api/v1/namespaces/app/events"), 1);
     }
 }
@@ -524,7 +541,10 @@ fn the_plugin_gets_a_kubeconfig_that_follows_token_rotation() {
         "{text}"
     );
     assert_eq!(std::fs::read_to_string(&token).expect("token"), "token-1");
-    // The entry the plugin reads points at it.
+    // The entry the plugin reads points at it (once chained: the two tasks run independently).
+    eventually("chained", Duration::from_secs(15), || {
+        podwire_entries(&a.conflist()) == 1
+    });
     let conf: Value =
         serde_json::from_str(&std::fs::read_to_string(a.conflist()).expect("conflist"))
             .expect("json");
@@ -560,4 +580,65 @@ fn memory_with_110_cached_pods() {
     // Reported, not asserted (DESIGN.md: performance is measured, not a timed test).
     eprintln!("podwire-agent run with 110 cached pods: {rss}");
     assert!(rss.contains("kB"), "{status}");
+}
+
+/// Issue 9, item 10: a request split over two TCP segments is read whole; only GET is served.
+#[test]
+fn the_status_server_reads_split_requests_and_refuses_other_methods() {
+    let api = ApiServer::start().expect("api");
+    cluster(&api, true);
+    let a = start(&api, &["--repair", "off"], |_| {});
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", a.port)).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s.write_all(b"GET /met").expect("first segment");
+    s.flush().expect("flush");
+    // Give the first segment time to arrive alone (what a slow or busy client does).
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b"rics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("second segment");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("answer");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("podwire_installed"), "{text}");
+
+    for method in ["POST", "PUT", "DELETE"] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", a.port)).expect("connect");
+        s.write_all(
+            format!("{method} /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("answer");
+        assert!(text.starts_with("HTTP/1.1 405"), "{method}: {text}");
+        assert!(text.to_ascii_lowercase().contains("allow: get"), "{text}");
+    }
+    assert_eq!(http(a.port, "/nope").0, 404);
+    assert_eq!(http(a.port, "/healthz").0, 200);
+}
+
+/// Issue 9, item 12: the entry the agent chains carries what the plugin must share with it.
+#[test]
+fn the_chained_entry_carries_the_agents_state_dir_socket_and_namespace() {
+    let api = ApiServer::start().expect("api");
+    cluster(&api, true);
+    let a = start(&api, &["--namespace", "mesh-agent"], |_| {});
+    eventually("chained", Duration::from_secs(15), || {
+        podwire_entries(&a.conflist()) == 1
+    });
+    let conf: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.conflist()).expect("conflist"))
+            .expect("json");
+    let entry = &conf["plugins"][2];
+    assert_eq!(
+        entry["stateDir"],
+        a.dir.path().join("state").display().to_string(),
+        "{entry}"
+    );
+    assert_eq!(entry["agentSocket"], a.socket().display().to_string());
+    let excluded = entry["excludeNamespaces"].to_string();
+    assert!(
+        excluded.contains("mesh-agent") && excluded.contains("kube-system"),
+        "the agent's own namespace must be excluded: {entry}"
+    );
 }

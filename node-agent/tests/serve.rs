@@ -262,10 +262,14 @@ fn serves_pods_from_yaml_and_json_manifests() {
     assert_eq!(agent.lookup("shop", "web", ""), LookupStatus::NotFound);
     assert_eq!(agent.lookup("shop", "nope", ""), LookupStatus::NotFound);
     assert_eq!(agent.lookup("default", "web-1", ""), LookupStatus::NotFound);
-    // A UID that differs is another pod; the same UID is the pod.
-    assert_eq!(
-        agent.lookup("shop", "web-1", "uid-other"),
-        LookupStatus::NotFound
+    // A UID that differs is another incarnation: unknown (the plugin fails closed), never
+    // "not found"; the same UID is the pod.
+    assert!(
+        matches!(
+            agent.lookup("shop", "web-1", "uid-other"),
+            LookupStatus::NotReady { .. }
+        ),
+        "another UID must not be an answer"
     );
     assert!(is_found(&agent.lookup("shop", "web-1", "uid-web-1")));
 
@@ -342,11 +346,16 @@ fn malformed_documents_do_not_hide_the_others() {
     assert!(is_found(&agent.lookup("default", "first", "")));
     assert!(is_found(&agent.lookup("default", "last", "")));
     assert!(is_found(&agent.lookup("shop", "api-0", "")));
-    assert_eq!(agent.lookup("default", "typed", ""), LookupStatus::NotFound);
-    assert_eq!(
+    // Unreadable, with its name known: an error for that pod. Not in any manifest, while
+    // other documents could not be read at all: unknown (see unreadable_manifests_* below).
+    assert!(matches!(
+        agent.lookup("default", "typed", ""),
+        LookupStatus::Error { .. }
+    ));
+    assert!(matches!(
         agent.lookup("default", "ignored", ""),
-        LookupStatus::NotFound
-    );
+        LookupStatus::NotReady { .. }
+    ));
 
     let log = agent.log();
     assert!(log.contains("mixed.yaml document 2"), "{log}");
@@ -354,6 +363,133 @@ fn malformed_documents_do_not_hide_the_others() {
     assert!(log.contains("broken.json"), "{log}");
     assert!(log.contains("garbage.yml"), "{log}");
     assert!(log.contains("serving 3 pods"), "{log}");
+}
+
+/// Issue 9, item 1: the source holds shop/db-0 with UID A, the runtime sets up UID B.
+#[test]
+fn another_uid_is_unknown_until_the_source_catches_up() {
+    let db =
+        |uid: &str| format!("kind: Pod\nmetadata: {{name: db-0, namespace: shop, uid: {uid}}}\n");
+    let agent = Agent::start(&[("db.yaml", &db("uid-a"))]);
+    match agent.lookup("shop", "db-0", "uid-b") {
+        LookupStatus::NotReady { message } => assert!(
+            message.contains("UID uid-a") && message.contains("UID uid-b"),
+            "{message}"
+        ),
+        other => panic!("a UID mismatch must be unknown, got {other:?}"),
+    }
+    // The source catches up: the new incarnation is found, the old one is now the unknown one.
+    fs::write(agent.pods.join("db.yaml"), db("uid-b")).expect("rewrite");
+    let deadline = Instant::now() + RELOAD_DEADLINE;
+    while !is_found(&agent.lookup("shop", "db-0", "uid-b")) {
+        assert!(Instant::now() < deadline, "not reloaded:\n{}", agent.log());
+        sleep(Duration::from_millis(25));
+    }
+    assert!(matches!(
+        agent.lookup("shop", "db-0", "uid-a"),
+        LookupStatus::NotReady { .. }
+    ));
+}
+
+/// Issue 9, item 2: a manifest that cannot be read never makes its pod "not found".
+#[test]
+fn unreadable_manifests_are_unknown_not_absent() {
+    let labels = "kind: Pod\nmetadata: {name: db-0, namespace: shop, labels: {app: 5}}\n";
+    let run_as = "kind: Pod\nmetadata: {name: web, namespace: shop}\nspec:\n  containers:\n  \
+                  - name: istio-proxy\n    securityContext: {runAsUser: \"1337; -j DROP\"}\n";
+    let agent = Agent::start(&[("db.yaml", labels), ("web.yaml", run_as)]);
+    let message = |status: LookupStatus| match status {
+        LookupStatus::Error { message } | LookupStatus::NotReady { message } => message,
+        other => panic!("expected an unknown status, got {other:?}"),
+    };
+    let db = message(agent.lookup("shop", "db-0", ""));
+    assert!(
+        db.contains("db.yaml") && db.contains("metadata.labels.app"),
+        "{db}"
+    );
+    let web = message(agent.lookup("shop", "web", ""));
+    assert!(
+        web.contains("web.yaml") && web.contains("runAsUser"),
+        "{web}"
+    );
+    // Nothing unreadable without a name: a pod in no manifest is simply not found.
+    assert_eq!(agent.lookup("shop", "other", ""), LookupStatus::NotFound);
+
+    // A non-atomic writer, caught half-way: which pod the file holds cannot be told, so no
+    // absent name is "not found" any more.
+    fs::write(
+        agent.pods.join("late.json"),
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"la"#,
+    )
+    .expect("truncated write");
+    let deadline = Instant::now() + RELOAD_DEADLINE;
+    let truncated = loop {
+        match agent.lookup("shop", "other", "") {
+            LookupStatus::NotReady { message } => break message,
+            _ => {
+                assert!(Instant::now() < deadline, "not reloaded:\n{}", agent.log());
+                sleep(Duration::from_millis(25));
+            }
+        }
+    };
+    assert!(truncated.contains("late.json"), "{truncated}");
+    let log = agent.log();
+    assert!(
+        log.contains("DEGRADED") && log.contains("late.json"),
+        "{log}"
+    );
+
+    // Fixed: answers come back.
+    fs::write(
+        agent.pods.join("late.json"),
+        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"late","namespace":"shop"}}"#,
+    )
+    .expect("complete write");
+    agent.eventually("shop", "other", "fixed file", |s| {
+        *s == LookupStatus::NotFound
+    });
+    assert!(is_found(&agent.lookup("shop", "late", "")));
+}
+
+/// Issue 9, item 8: clients that connect and never write must not starve the plugin.
+#[test]
+fn idle_connections_do_not_starve_lookups() {
+    let agent = Agent::start(&[("api.json", API_JSON)]);
+    let idle: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&agent.socket).expect("connect"))
+        .collect();
+    // Four look-ups the way the plugin makes them: its 2 s timeout, one connection each.
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let socket = agent.socket.clone();
+            std::thread::spawn(move || {
+                let mut stream = UnixStream::connect(&socket).expect("connect");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
+                stream
+                    .write_all(b"{\"v\":1,\"namespace\":\"shop\",\"name\":\"api-0\"}\n")
+                    .expect("write");
+                let mut answer = String::new();
+                BufReader::new(stream)
+                    .read_line(&mut answer)
+                    .map(|_| answer)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for worker in workers {
+        let answer = worker.join().expect("worker").expect("answered within 2 s");
+        assert!(answer.contains("\"found\""), "{answer}");
+    }
+    // The idle ones are dropped well within the plugin's timeout (an error line, then EOF).
+    for stream in idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let message = error_message(read_answer(stream));
+        assert!(message.contains("no request line"), "{message}");
+    }
 }
 
 #[test]

@@ -21,10 +21,6 @@ impl Drop for Agent {
 }
 
 fn start_agent(d: &Path) -> Agent {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
     let child = Command::new(workspace_bin("podwire-agent"))
         .args([
             "--log-level",
@@ -35,9 +31,10 @@ fn start_agent(d: &Path) -> Agent {
             "--heartbeat",
             "1",
             "--repair",
-            "off",
+            "label",
         ])
-        .args(["--status-addr", &format!("127.0.0.1:{port}")])
+        // The agent keeps the port it binds; this test does not need to know it.
+        .args(["--status-addr", "127.0.0.1:0"])
         .arg("--cni-conf-dir")
         .arg(d.join("net.d"))
         .arg("--cni-bin-dir")
@@ -61,6 +58,10 @@ fn start_agent(d: &Path) -> Agent {
 }
 
 fn add(d: &Path, ns: &Netns, pod: &str) -> podwire_lab::CniOutcome {
+    add_with(d, ns, &pod_args("shop", pod))
+}
+
+fn add_with(d: &Path, ns: &Netns, cni_args: &str) -> podwire_lab::CniOutcome {
     // Exactly the entry the agent chained into the conflist, as the runtime would pass it.
     let conflist: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.join("net.d/10-bridge.conflist")).expect("conflist"),
@@ -70,13 +71,18 @@ fn add(d: &Path, ns: &Netns, pod: &str) -> podwire_lab::CniOutcome {
     assert_eq!(entry["type"], "podwire-cni", "{conflist}");
     entry["cniVersion"] = conflist["cniVersion"].clone();
     entry["name"] = conflist["name"].clone();
-    entry["stateDir"] = json!(d.join("state").display().to_string());
+    // Issue 9, item 12: the agent's --state-dir reaches the plugin through the entry itself.
+    assert_eq!(
+        entry["stateDir"],
+        json!(d.join("state").display().to_string()),
+        "{entry}"
+    );
     entry["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]});
     run_podwire(
         "ADD",
         &ns.name,
         &ns.path(),
-        &pod_args("shop", pod),
+        cni_args,
         entry.to_string().as_bytes(),
     )
     .expect("exec")
@@ -98,9 +104,11 @@ fn plugin_and_agent_run_together_across_an_agent_restart() {
         "/api/v1/nodes/node-1",
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}),
     );
+    // Pending while the runtime sets their network up, as in a cluster.
     let on_node = |name: &str, node: &str| {
         let mut p = pod_manifest("shop", name, true, &[]);
         p["spec"]["nodeName"] = json!(node);
+        p["status"] = json!({"phase": "Pending"});
         p
     };
     api.put("/api/v1/namespaces/shop/pods/web", on_node("web", "node-1"));
@@ -136,6 +144,51 @@ fn plugin_and_agent_run_together_across_an_agent_restart() {
     let out = add(d, &ns1, "web");
     assert!(out.ok, "{out:?}");
     assert!(redirected(&ns1));
+
+    // The pod runs; its record is where the agent looks (--state-dir), so repair (--repair
+    // label) leaves it alone: two more heartbeats (each starts with a GET of the Node) mean at
+    // least one full repair pass saw it Running.
+    let mut running = api.get("/api/v1/namespaces/shop/pods/web").expect("web");
+    running["status"] = json!({"phase": "Running"});
+    api.put("/api/v1/namespaces/shop/pods/web", running);
+    let node_gets = api.count("GET", "/api/v1/nodes/node-1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.count("GET", "/api/v1/nodes/node-1") < node_gets + 3 {
+        assert!(Instant::now() < deadline, "no heartbeats");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let web = api.get("/api/v1/namespaces/shop/pods/web").expect("web");
+    assert!(
+        web["metadata"]["labels"]
+            .get("podwire.io/uninitialized")
+            .is_none(),
+        "a redirected pod was reported as raced: {web}"
+    );
+
+    // Issue 9, item 1: shop/web re-created under the same name (a new UID) while the agent's
+    // cache and the API server still have the old one: unknown, the ADD fails with 11 (the
+    // runtime retries), never a pass-through.
+    let ns_new = Netns::new("a").expect("netns");
+    let out = add_with(
+        d,
+        &ns_new,
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-web-recreated",
+    );
+    assert!(!out.ok, "{out:?}");
+    let err: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(!redirected(&ns_new));
+    // The API server and then the cache catch up: the retry redirects it.
+    let mut recreated = on_node("web", "node-1");
+    recreated["metadata"]["uid"] = json!("uid-web-recreated");
+    api.put("/api/v1/namespaces/shop/pods/web", recreated);
+    let out = add_with(
+        d,
+        &ns_new,
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-web-recreated",
+    );
+    assert!(out.ok, "the retry after the source caught up: {out:?}");
+    assert!(redirected(&ns_new));
 
     // The agent restarts (a rolling update): the socket goes away and comes back.
     drop(agent);

@@ -13,6 +13,15 @@ fn add(
     kubeconfig: &std::path::Path,
     state: &std::path::Path,
 ) -> podwire_lab::CniOutcome {
+    add_with(ns, &pod_args("shop", pod), kubeconfig, state)
+}
+
+fn add_with(
+    ns: &Netns,
+    cni_args: &str,
+    kubeconfig: &std::path::Path,
+    state: &std::path::Path,
+) -> podwire_lab::CniOutcome {
     let conf = json!({"cniVersion": "1.0.0", "name": "kube", "type": "podwire-cni",
         "agentSocket": "/run/podwire-test-no-agent.sock",
         "kubeconfig": kubeconfig.display().to_string(),
@@ -22,7 +31,7 @@ fn add(
         "ADD",
         &ns.name,
         &ns.path(),
-        &pod_args("shop", pod),
+        cni_args,
         conf.to_string().as_bytes(),
     )
     .expect("exec")
@@ -66,6 +75,27 @@ fn pods_are_found_through_the_api_server_when_the_agent_is_down() {
     let other = Netns::new("k").expect("netns");
     let out = add(&other, "nothere", &kubeconfig, dir.path());
     assert!(out.ok, "{out:?}");
+    assert!(!other
+        .nat_rules("iptables-save")
+        .expect("save")
+        .contains("ISTIO_"));
+
+    // Issue 9, item 1: the API server has shop/web with another UID than the runtime's (the
+    // pod was re-created): unknown, so failurePolicy closed fails with 11 and the runtime retries.
+    let out = add_with(
+        &other,
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-recreated",
+        &kubeconfig,
+        dir.path(),
+    );
+    let err: Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid-recreated")),
+        "{err}"
+    );
     assert!(!other
         .nat_rules("iptables-save")
         .expect("save")

@@ -392,5 +392,5 @@ fn version_status_and_gc() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(left, vec!["c-gc1_eth0.json".to_string()]);
+    assert_eq!(left, vec!["c-gc1.eth0.json".to_string()]);
 }

@@ -192,6 +192,7 @@ pub fn injection_patch(
         spec: crate::pod::PodSpec {
             containers: vec![Container {
                 name: profile.proxy_container.to_string(),
+                restart_policy: None,
                 security_context: Some(SecurityContext {
                     run_as_user: Some(i64::from(uid)),
                     run_as_group: Some(i64::from(gid)),

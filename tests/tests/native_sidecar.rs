@@ -1,0 +1,84 @@
+//! Istio's current default layout: `istio-proxy` is a native sidecar (the first init container,
+//! `restartPolicy: Always`). Such a pod must be redirected exactly like a classic one, with the
+//! proxy's uid/gid read from that init container. Real netns, real rules, real traffic.
+
+use podwire_lab::lab::{pod_manifest, Lab, APP_PORT, NODE_V4};
+use podwire_lab::probe::{self, connect};
+use podwire_lab::require_root;
+use serde_json::json;
+use std::process::Command;
+
+/// A mesh pod in the native-sidecar layout, proxy running as `uid`.
+fn native_sidecar_pod(namespace: &str, name: &str, uid: u32) -> serde_json::Value {
+    let mut pod = pod_manifest(namespace, name, true, &[]);
+    pod["spec"] = json!({
+        "initContainers": [{"name": "istio-proxy", "image": "proxy:1", "restartPolicy": "Always",
+            "securityContext": {"runAsUser": uid, "runAsGroup": uid}}],
+        "containers": [{"name": "app", "image": "app:1"}],
+    });
+    pod
+}
+
+fn nc_as(pod: &podwire_lab::lab::Pod, uid: u32) -> String {
+    let out = pod
+        .netns
+        .output(Command::new("setpriv").args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "busybox",
+            "nc",
+            "-w",
+            "3",
+            NODE_V4,
+            &APP_PORT.to_string(),
+        ]))
+        .expect("setpriv busybox nc (apt-get install busybox-static util-linux)");
+    assert!(out.status.success(), "nc as {uid}: {out:?}");
+    probe::parse_seen(&String::from_utf8_lossy(&out.stdout))
+        .expect("answer")
+        .label
+}
+
+#[test]
+fn native_sidecar_pod_is_redirected_with_its_init_containers_identity() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(false, json!({})).expect("lab");
+    lab.publish("native.yaml", &[native_sidecar_pod("shop", "native", 2100)])
+        .expect("publish");
+    let pod = lab.start_pod("shop", "native").expect("native-sidecar pod");
+    probe::start_proxy(&pod.netns, false).expect("proxy");
+
+    let node = format!("{NODE_V4}:{APP_PORT}");
+    let seen = connect(&pod.netns, &node).expect("outbound");
+    assert_eq!(
+        (seen.label.as_str(), seen.orig.as_str()),
+        ("PROXY-OUT", node.as_str()),
+        "outbound traffic of a native-sidecar pod must reach the proxy"
+    );
+    let target = format!("{}:{APP_PORT}", pod.ip4);
+    let seen = connect(&lab.node, &target).expect("inbound");
+    assert_eq!(
+        (seen.label.as_str(), seen.orig.as_str()),
+        ("PROXY-IN", target.as_str())
+    );
+    // The exemption follows the init container's runAsUser, not the default 1337.
+    assert_eq!(nc_as(&pod, 2100), "NODE", "the proxy's own uid bypasses");
+    assert_eq!(nc_as(&pod, 1337), "PROXY-OUT", "1337 is an app uid here");
+    let saved = pod.netns.nat_rules("iptables-save").expect("save");
+    assert!(saved.contains("--uid-owner 2100"), "{saved}");
+
+    for (plugin, out) in lab.run("CHECK", &pod).expect("CHECK") {
+        assert!(out.ok, "CHECK failed in {plugin}: {out:?}");
+    }
+    for (plugin, out) in lab.run("DEL", &pod).expect("DEL") {
+        assert!(out.ok, "DEL failed in {plugin}: {out:?}");
+    }
+    assert!(!pod
+        .netns
+        .nat_rules("iptables-save")
+        .expect("save")
+        .contains("ISTIO_"));
+}
