@@ -199,7 +199,11 @@ fn run_review(args: &ReviewArgs) -> Result<()> {
 }
 
 fn run_serve(args: ServeArgs) -> Result<()> {
+    // Two workers whatever the node's size: a webhook call takes microseconds, and each worker
+    // keeps its own allocator heap, so the memory budget (serve::MemoryBudget) holds per
+    // worker; more workers would multiply what stays resident after a burst.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -37,6 +38,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// On shutdown, time given to open connections to finish their requests.
     pub drain_timeout: Duration,
+    /// Memory that requests in flight may use, so that the process stays under its
+    /// container limit whatever arrives: see [`MemoryBudget`].
+    pub memory: MemoryBudget,
 }
 
 impl Default for Limits {
@@ -45,8 +49,82 @@ impl Default for Limits {
             max_body_bytes: 4 << 20,
             request_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
+            memory: MemoryBudget::new(16 << 20, 32 << 20),
         }
     }
+}
+
+/// Two pools of memory, in KiB permits, shared by all requests: one for bodies being
+/// received (taken before reading, for the declared length or the maximum), one for
+/// parsing and answering (taken after reading, for [`parse_cost`]). A request takes the
+/// body pool, then the parse pool, and never the other way round, so they cannot deadlock;
+/// one that cannot get its share within the request timeout is shed with `429`, one whose
+/// cost alone exceeds the parse pool gets `413`. With the defaults (16 + 48 MiB) and an idle
+/// footprint of ~20 MiB, the injector stays well under the manifest's 128Mi limit.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    bodies: Arc<Semaphore>,
+    parsing: Arc<Semaphore>,
+    body_kib: u32,
+    parse_kib: u32,
+}
+
+impl MemoryBudget {
+    pub fn new(body_bytes: usize, parse_bytes: usize) -> Self {
+        let (body_kib, parse_kib) = (kib(body_bytes), kib(parse_bytes));
+        MemoryBudget {
+            bodies: Arc::new(Semaphore::new(body_kib as usize)),
+            parsing: Arc::new(Semaphore::new(parse_kib as usize)),
+            body_kib,
+            parse_kib,
+        }
+    }
+}
+
+impl MemoryBudget {
+    /// The parse pool, in bytes: no single request may cost more.
+    pub fn parse_bytes(&self) -> usize {
+        self.parse_kib as usize * 1024
+    }
+}
+
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
+/// What parsing `body` into `serde_json::Value`s and building the answer may cost, in bytes,
+/// from one pass over it: the body itself twice (text and parsed strings), ~64 bytes per JSON
+/// value, and a B-tree node (~640 bytes) per non-empty object. Cheap to send, dear to parse
+/// (`[[],[],...]`, `[{"a":0},...]`) is thus priced before anything is parsed.
+pub fn parse_cost(body: &[u8]) -> usize {
+    let (mut values, mut objects) = (1usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut prev = 0u8;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b',' | b'[' => values += 1,
+            b'{' => values += 1,
+            b'}' if prev != b'{' => objects += 1,
+            _ => {}
+        }
+        if !b.is_ascii_whitespace() {
+            prev = b;
+        }
+    }
+    body.len()
+        .saturating_mul(2)
+        .saturating_add(values.saturating_mul(64))
+        .saturating_add(objects.saturating_mul(640))
 }
 
 /// What a request handler needs.
@@ -172,8 +250,14 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     if let Some(len) = declared.filter(|l| *l > drain_limit(max) as u64) {
         return too_large(format!("the request body is {len} bytes"));
     }
-    let read = read_body(req.into_body(), max);
-    let body = match tokio::time::timeout(state.limits.request_timeout, read).await {
+    let deadline = tokio::time::Instant::now() + state.limits.request_timeout;
+    let budget = &state.limits.memory;
+    let body_share = kib(declared.map_or(max, |l| l as usize)).min(budget.body_kib);
+    let Some(_body_permit) = take(&budget.bodies, body_share, deadline).await else {
+        return overloaded(state, start, "receiving other requests");
+    };
+    let read = read_body(req.into_body(), max, declared);
+    let body = match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(Ok(body))) => body,
         Ok(Ok(Err(seen))) => {
             let len = declared.map_or(format!("at least {seen}"), |l| l.to_string());
@@ -198,6 +282,28 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
                 ),
             );
         }
+    };
+    let cost = kib(parse_cost(&body));
+    if cost > budget.parse_kib {
+        state.metrics.request("error", None, false, start.elapsed());
+        tracing::warn!(
+            "refused an AdmissionReview of {} bytes: parsing it would need ~{} MiB",
+            body.len(),
+            cost >> 10
+        );
+        return error_review(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            format!(
+                "the AdmissionReview ({} bytes) is too complex: parsing it would need ~{} MiB, over the injector's budget of {} MiB",
+                body.len(),
+                cost >> 10,
+                budget.parse_kib >> 10
+            ),
+        );
+    }
+    let Some(_parse_permit) = take(&budget.parsing, cost, deadline).await else {
+        return overloaded(state, start, "parsing other requests");
     };
     let labels_of = |ns: &str| {
         state
@@ -231,6 +337,30 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// `n` KiB of `pool`, waiting until `deadline` at most.
+async fn take(
+    pool: &Arc<Semaphore>,
+    n: u32,
+    deadline: tokio::time::Instant,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::time::timeout_at(deadline, pool.clone().acquire_many_owned(n))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Load shedding: a proper AdmissionReview with 429, so the API server reports a retryable
+/// error instead of the injector being OOM-killed.
+fn overloaded(state: &State, start: Instant, busy: &str) -> Response<Body> {
+    state.metrics.request("error", None, false, start.elapsed());
+    tracing::warn!("shed an AdmissionReview: the memory budget is taken by {busy}");
+    error_review(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        format!("overloaded: the memory budget for requests in flight is taken by {busy} for longer than the request timeout; retry"),
+    )
+}
+
 /// Bytes of an oversized body read (and dropped) before answering 413.
 fn drain_limit(max: usize) -> usize {
     max.saturating_mul(4).max(1 << 20)
@@ -239,8 +369,14 @@ fn drain_limit(max: usize) -> usize {
 /// The body, or `Err(bytes seen)` when it is over `max`. An oversized body is still read and
 /// dropped (up to [`drain_limit`]) so that the client, still sending, gets to read the 413
 /// instead of a connection reset.
-async fn read_body(mut body: Incoming, max: usize) -> Result<Result<Bytes, usize>, hyper::Error> {
-    let mut buf = Vec::new();
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    declared: Option<u64>,
+) -> Result<Result<Bytes, usize>, hyper::Error> {
+    // Sized once when the length is known: growing by doubling would take twice the body
+    // in freed buffers along the way.
+    let mut buf = Vec::with_capacity(declared.map_or(0, |l| (l as usize).min(max)));
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
@@ -329,4 +465,23 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_cost_prices_structure_not_string_content() {
+        let plain = parse_cost(br#"{"a":"[[[[{{{{,,,,"}"#);
+        let structured = parse_cost(br#"{"a":[[[[{"b":1}]]]]}"#);
+        assert!(structured > plain, "{structured} vs {plain}");
+        // Empty arrays cost far more than their bytes; one-member objects more still.
+        let arrays = parse_cost(format!("[{}[]]", "[],".repeat(1000)).as_bytes());
+        let objects = parse_cost(format!("[{}{{}}]", "{\"a\":0},".repeat(1000)).as_bytes());
+        assert!(arrays > 40 * 3000, "{arrays}");
+        assert!(objects > 600 * 1000, "{objects}");
+        // An escaped quote does not end the string.
+        assert_eq!(parse_cost(br#"["\"[[[["]"#), parse_cost(br#"["xxxxxx"]"#));
+    }
 }
