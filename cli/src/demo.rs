@@ -3,8 +3,8 @@
 use anyhow::{bail, Context, Result};
 use podwire_core::inject::{apply_patch, plan, InjectorConfig, Labels};
 use podwire_core::MeshProfile;
-use podwire_lab::lab::{pod_manifest, Lab, Pod, APP_PORT, NODE_V4, NODE_V6};
-use podwire_lab::probe::{self, connect, Seen};
+use podwire_netlab::lab::{pod_manifest, Lab, Pod, APP_PORT, NODE_V4, NODE_V6};
+use podwire_netlab::probe::{self, connect, Seen};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]

@@ -1,20 +1,14 @@
-//! A testbed made of real parts: network namespaces (`ip netns`), Debian's CNI plugins run the
-//! way libcni runs them, real TCP connections, and a probe proxy that reports `SO_ORIGINAL_DST`.
-//!
-//! Every address lives in 198.18.0.0/15 / 2001:2::/48 (the benchmarking ranges) inside
-//! namespaces the lab creates; nothing is sent anywhere else.
+//! The end-to-end testbed: [`podwire_netlab`]'s node in a box (network namespaces, the chain
+//! runner, the probe proxy, re-exported here under the same names), plus what only tests need:
+//! an in-process Kubernetes API server speaking the real HTTP/JSON wire format, podman as a
+//! runtime, and the rule that root-needing tests fail under CI instead of skipping.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
-pub mod bins;
-pub mod chain;
-pub mod lab;
-pub mod netns;
 pub mod podman;
-pub mod probe;
 
-pub use chain::{Chain, CniOutcome};
-pub use netns::Netns;
+pub use podwire_netlab::{bins, chain, lab, netns, probe};
+pub use podwire_netlab::{Chain, CniOutcome, Netns};
 
 /// Root is needed for namespaces and iptables. Under CI a test must fail, never skip.
 pub fn require_root() -> bool {

@@ -37,6 +37,27 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Name the network namespace of process `pid` (a runtime's sandbox) `pw<prefix>...` with
+    /// `ip netns attach`; dropping it removes only the name.
+    pub fn attach(prefix: &str, pid: u32) -> Result<Netns> {
+        let name = format!(
+            "pw{prefix}{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "attach", &name, &pid.to_string()])
+            .output()
+            .context("running ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip netns attach {name} {pid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Netns { name })
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }
