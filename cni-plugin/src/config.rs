@@ -8,25 +8,11 @@ use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/podwire/agent.sock";
-pub const DEFAULT_STATE_DIR: &str = "/var/run/podwire/state";
-/// The namespace podwire's own components run in (never redirected).
-pub const PODWIRE_NAMESPACE: &str = "podwire-system";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailurePolicy {
-    /// An undeterminable pod fails ADD with "try again later": never starts un-redirected.
-    Closed,
-    /// An undeterminable pod starts without redirection (logged).
-    Open,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Auto,
-    Legacy,
-    Nft,
-}
+// The node contract (keys, defaults, enums) is podwire-core's, shared with the agent.
+use podwire_core::node::keys;
+pub use podwire_core::node::{
+    Backend, FailurePolicy, DEFAULT_AGENT_SOCKET, DEFAULT_STATE_DIR, PODWIRE_NAMESPACE,
+};
 
 #[derive(Debug, Clone)]
 pub struct NetConf {
@@ -74,6 +60,24 @@ fn one_of<'a>(key: &'static str, value: &str, allowed: &[&'a str]) -> Result<&'a
             field: key,
             reason: format!("{value:?} is not one of {}", allowed.join(", ")),
         })
+}
+
+/// A field holding one of a contract enum's names.
+fn named<T: std::str::FromStr<Err = podwire_core::node::UnknownValue>>(
+    f: &Fields,
+    key: &'static str,
+    what: &str,
+) -> Result<Option<T>> {
+    field::<String>(f, key, what)?
+        .map(|v| {
+            v.parse().map_err(
+                |e: podwire_core::node::UnknownValue| PluginError::InvalidConfig {
+                    field: key,
+                    reason: e.to_string(),
+                },
+            )
+        })
+        .transpose()
 }
 
 fn truncate(s: &str) -> String {
@@ -131,55 +135,48 @@ impl NetConf {
             });
         }
         let name: String = field(&f, "name", "the network name (string)")?.unwrap_or_default();
-        let exclude_namespaces =
-            match field::<Vec<String>>(&f, "excludeNamespaces", "a list of namespace names")? {
-                Some(list) => list,
-                None => DEFAULT_EXCLUDED_NAMESPACES
-                    .iter()
-                    .copied()
-                    .chain([PODWIRE_NAMESPACE])
-                    .map(String::from)
-                    .collect(),
-            };
-        let failure_policy = match field::<String>(&f, "failurePolicy", "\"closed\" or \"open\"")? {
-            None => FailurePolicy::Closed,
-            Some(v) => match one_of("failurePolicy", &v, &["closed", "open"])? {
-                "open" => FailurePolicy::Open,
-                _ => FailurePolicy::Closed,
-            },
+        let exclude_namespaces = match field::<Vec<String>>(
+            &f,
+            keys::EXCLUDE_NAMESPACES,
+            "a list of namespace names",
+        )? {
+            Some(list) => list,
+            None => DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .copied()
+                .chain([PODWIRE_NAMESPACE])
+                .map(String::from)
+                .collect(),
         };
-        let iptables = match field::<String>(&f, "iptables", "\"auto\", \"legacy\" or \"nft\"")? {
-            None => Backend::Auto,
-            Some(v) => match one_of("iptables", &v, &["auto", "legacy", "nft"])? {
-                "legacy" => Backend::Legacy,
-                "nft" => Backend::Nft,
-                _ => Backend::Auto,
-            },
-        };
-        let log_level = match field::<String>(&f, "logLevel", "a log level string")? {
+        let failure_policy: FailurePolicy =
+            named(&f, keys::FAILURE_POLICY, "\"closed\" or \"open\"")?.unwrap_or_default();
+        let iptables: Backend =
+            named(&f, keys::IPTABLES, "\"auto\", \"legacy\" or \"nft\"")?.unwrap_or_default();
+        let log_level = match field::<String>(&f, keys::LOG_LEVEL, "a log level string")? {
             None => tracing::Level::INFO,
             Some(v) => one_of(
-                "logLevel",
+                keys::LOG_LEVEL,
                 &v.to_ascii_lowercase(),
                 &["error", "warn", "info", "debug", "trace"],
             )?
             .parse()
             .map_err(|_| PluginError::InvalidConfig {
-                field: "logLevel",
+                field: keys::LOG_LEVEL,
                 reason: format!("{v:?} is not a log level"),
             })?,
         };
         Ok(NetConf {
             cni_version,
             name,
-            agent_socket: path(&f, "agentSocket")?.unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()),
-            kubeconfig: path(&f, "kubeconfig")?,
+            agent_socket: path(&f, keys::AGENT_SOCKET)?
+                .unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into()),
+            kubeconfig: path(&f, keys::KUBECONFIG)?,
             exclude_namespaces,
             failure_policy,
             iptables,
             log_level,
-            log_file: path(&f, "logFile")?,
-            state_dir: path(&f, "stateDir")?.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            log_file: path(&f, keys::LOG_FILE)?,
+            state_dir: path(&f, keys::STATE_DIR)?.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             prev_result: f.get("prevResult").filter(|r| r.get() != "null").cloned(),
         })
     }

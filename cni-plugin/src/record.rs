@@ -4,84 +4,25 @@
 //! that attachment (the runtime may run them concurrently, e.g. a DEL after an ADD timed out).
 
 use nix::fcntl::{Flock, FlockArg};
-use podwire_core::render::Rule;
-use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    pub network: String,
-    pub container_id: String,
-    pub ifname: String,
-    pub netns: String,
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub backend: String,
-    pub ipv6: bool,
-    /// The rules podwire added to built-in chains (`CHAIN args...`), the same for both
-    /// families: DEL removes exactly these, never look-alikes that someone else added.
-    #[serde(default)]
-    pub entry_rules: Vec<String>,
-}
-
-impl Record {
-    pub fn entry_rules(&self) -> Vec<Rule> {
-        self.entry_rules
-            .iter()
-            .filter_map(|line| {
-                let mut it = line.split_whitespace();
-                Some(Rule {
-                    chain: it.next()?.to_string(),
-                    args: it.map(str::to_string).collect(),
-                })
-            })
-            .collect()
-    }
-
-    pub fn set_entry_rules<'a>(&mut self, rules: impl Iterator<Item = &'a Rule>) {
-        self.entry_rules = rules
-            .map(|r| format!("{} {}", r.chain, r.args.join(" ")))
-            .collect();
-    }
-}
+pub use podwire_core::node::Record;
+use podwire_core::node::{attachment_name as attachment, encode_component as encode, locks_dir};
 
 pub fn dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("pods")
-}
-
-/// One path component from any string, unambiguously: `[A-Za-z0-9-]` stay, every other byte
-/// becomes `_xx` (hex). `.` never appears in an encoded part, so it can join two of them:
-/// (`x`, `y_z`) and (`x_y`, `z`) no longer share a file, and no `/` or `..` escapes the dir.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("_{b:02x}"));
-        }
-    }
-    out
-}
-
-fn attachment(container_id: &str, ifname: &str) -> String {
-    format!("{}.{}", encode(container_id), encode(ifname))
+    podwire_core::node::records_dir(state_dir)
 }
 
 /// The xtables lock file handed to iptables (`XTABLES_LOCKFILE`): per pod, so pods never wait
 /// on each other.
 pub fn lock_path(state_dir: &Path, container_id: &str) -> PathBuf {
-    state_dir
-        .join("locks")
-        .join(format!("{}.lock", encode(container_id)))
+    locks_dir(state_dir).join(format!("{}.lock", encode(container_id)))
 }
 
 fn path(state_dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
-    dir(state_dir).join(format!("{}.json", attachment(container_id, ifname)))
+    podwire_core::node::record_path(state_dir, container_id, ifname)
 }
 
 /// Where releases before the unambiguous encoding wrote the record; read so that DEL after an
@@ -155,7 +96,7 @@ impl AttachmentLock {
     /// (while holding it), so after locking we make sure the path still names the file we
     /// locked; otherwise a waiter could hold a lock on a deleted file beside a newcomer.
     pub fn acquire(state_dir: &Path, container_id: &str, ifname: &str) -> std::io::Result<Self> {
-        let dir = state_dir.join("locks");
+        let dir = locks_dir(state_dir);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.op", attachment(container_id, ifname)));
         loop {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod inject;
 pub mod lookup;
 pub mod mesh;
+pub mod node;
 pub mod pod;
 pub mod profile;
 pub mod prom;

@@ -12,7 +12,7 @@
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use podwire_core::conflist::{self, PLUGIN_TYPE};
+use podwire_core::conflist;
 use podwire_core::mesh::DEFAULT_EXCLUDED_NAMESPACES;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -24,9 +24,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-const PLUGIN_BIN: &str = "podwire-cni";
-/// The namespace the plugin excludes by default besides the system ones (its config.rs).
-const PODWIRE_NAMESPACE: &str = "podwire-system";
+use podwire_core::node::{
+    ChainedEntry, FailurePolicy, DEFAULT_AGENT_SOCKET, DEFAULT_STATE_DIR, PLUGIN_BIN,
+    PODWIRE_NAMESPACE,
+};
 /// More re-inserts than this within [`FIGHT_WINDOW`] means something keeps reverting us.
 const FIGHT_LIMIT: usize = 5;
 const FIGHT_WINDOW: Duration = Duration::from_secs(60);
@@ -43,26 +44,23 @@ pub struct InstallArgs {
     /// The podwire-cni binary to install [default: next to this podwire-agent].
     #[arg(long, value_name = "FILE")]
     pub plugin_binary: Option<PathBuf>,
-    /// `agentSocket` written into the plugin's entry.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/var/run/podwire/agent.sock"
-    )]
+    /// `agentSocket` written into the plugin's entry; `run` also answers look-ups on it
+    /// (`--socket` is accepted as an alias).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_AGENT_SOCKET, alias = "socket")]
     pub agent_socket: PathBuf,
     /// `kubeconfig` written into the plugin's entry (the plugin's fallback to the API server).
     #[arg(long, value_name = "FILE")]
     pub plugin_kubeconfig: Option<PathBuf>,
     /// `failurePolicy` of the plugin: closed (a pod whose status is unknown waits) or open.
-    #[arg(long, value_name = "POLICY", default_value = "closed", value_parser = ["closed", "open"])]
-    pub failure_policy: String,
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = FailurePolicy::default())]
+    pub failure_policy: FailurePolicy,
     /// `logFile` of the plugin.
     #[arg(long, value_name = "FILE")]
     pub plugin_log_file: Option<PathBuf>,
     /// `stateDir` written into the plugin's entry: where the plugin leaves a record per
     /// redirected pod, which `run`'s repair reads (the two must agree, or every mesh pod looks
     /// raced).
-    #[arg(long, default_value = "/var/run/podwire/state", value_name = "DIR")]
+    #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
     pub state_dir: PathBuf,
     /// The agent's own namespace (set by `run`): when it is not the plugin's default
     /// (`podwire-system`), the entry lists it in `excludeNamespaces` so the agent always starts.
@@ -80,34 +78,35 @@ pub struct InstallCmd {
     pub watch: bool,
 }
 
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
 impl InstallArgs {
     /// The conflist entry, exactly as written.
     pub fn entry(&self) -> Value {
-        let mut e = json!({
-            "type": PLUGIN_TYPE,
-            "agentSocket": self.agent_socket.display().to_string(),
-            "failurePolicy": self.failure_policy,
-            "stateDir": self.state_dir.display().to_string(),
-        });
-        if let Some(ns) = self
+        let exclude_namespaces = self
             .agent_namespace
             .as_ref()
             .filter(|ns| ns.as_str() != PODWIRE_NAMESPACE)
-        {
-            let list: Vec<&str> = DEFAULT_EXCLUDED_NAMESPACES
-                .iter()
-                .copied()
-                .chain([ns.as_str()])
-                .collect();
-            e["excludeNamespaces"] = json!(list);
-        }
-        if let Some(k) = &self.plugin_kubeconfig {
-            e["kubeconfig"] = json!(k.display().to_string());
-        }
-        if let Some(l) = &self.plugin_log_file {
-            e["logFile"] = json!(l.display().to_string());
-        }
-        e
+            .map(|ns| {
+                DEFAULT_EXCLUDED_NAMESPACES
+                    .iter()
+                    .copied()
+                    .chain([ns.as_str()])
+                    .map(String::from)
+                    .collect()
+            });
+        let entry = ChainedEntry {
+            agent_socket: path(&self.agent_socket),
+            failure_policy: self.failure_policy,
+            state_dir: path(&self.state_dir),
+            exclude_namespaces,
+            kubeconfig: self.plugin_kubeconfig.as_deref().map(path),
+            log_file: self.plugin_log_file.as_deref().map(path),
+            ..ChainedEntry::default()
+        };
+        json!(entry)
     }
 
     fn plugin_source(&self) -> Result<PathBuf, Error> {

@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics (text format, rendered with `podwire_core::prom`).
 
 use podwire_core::lookup::LookupStatus;
+use podwire_core::node::Repair;
 use podwire_core::prom::{labelled, single, Histogram};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -8,7 +9,9 @@ use std::time::Duration;
 /// Upper bounds of the look-up latency buckets, in seconds.
 const BUCKETS: [f64; 8] = [0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1, 1.0];
 const RESULTS: [&str; 4] = ["found", "not_found", "not_ready", "error"];
-pub const REPAIR_ACTIONS: [&str; 3] = ["delete", "label", "failed"];
+/// `podwire_repairs_total`'s `action` label: the repair mode that was carried out (`off`: only
+/// reported), or `failed`.
+pub const REPAIR_ACTIONS: [&str; 4] = ["delete", "label", "off", "failed"];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -20,7 +23,7 @@ pub struct Metrics {
     pub installs: AtomicU64,
     pub reinserts: AtomicU64,
     pub reverted_storms: AtomicU64,
-    repairs: [AtomicU64; 3],
+    repairs: [AtomicU64; 4],
     pub cached_pods: AtomicU64,
 }
 
@@ -53,10 +56,15 @@ impl Metrics {
         self.latency.observe(took);
     }
 
-    pub fn repaired(&self, action: &str) {
-        if let Some(i) = REPAIR_ACTIONS.iter().position(|a| *a == action) {
-            self.repairs[i].fetch_add(1, Relaxed);
-        }
+    /// One raced pod handled with `mode`; `ok: false` counts it as `failed`.
+    pub fn repaired(&self, mode: Repair, ok: bool) {
+        let i = match (ok, mode) {
+            (false, _) => 3,
+            (true, Repair::Delete) => 0,
+            (true, Repair::Label) => 1,
+            (true, Repair::Off) => 2,
+        };
+        self.repairs[i].fetch_add(1, Relaxed);
     }
 
     pub fn render(&self) -> String {

@@ -25,19 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
 
-pub const CONDITION: &str = "PodwireReady";
-pub const STARTUP_TAINT: &str = "podwire.io/not-ready";
-pub const UNINITIALIZED_LABEL: &str = "podwire.io/uninitialized";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Repair {
-    /// Delete the pod (UID precondition); its controller recreates it, now redirected.
-    Delete,
-    /// Label it `podwire.io/uninitialized=true` for a person or a tool to act on.
-    Label,
-    /// Only report (log, metric, Event).
-    Off,
-}
+pub use podwire_core::node::Repair;
+use podwire_core::node::{
+    records_dir, Record, CONDITION, REASON_NOT_READY, REASON_READY, RUN_DIR, STARTUP_TAINT,
+    UNINITIALIZED_LABEL,
+};
 
 /// The DaemonSet mode. Kubernetes access comes from the in-cluster service account or
 /// KUBECONFIG (kube-rs' usual inference).
@@ -58,18 +50,11 @@ pub struct RunArgs {
     pub namespace: String,
     #[arg(long, default_value = "podwire-agent", value_name = "NAME")]
     pub daemonset: String,
-    /// Unix socket the plugin asks (its agentSocket).
-    #[arg(
-        long,
-        default_value = "/var/run/podwire/agent.sock",
-        value_name = "PATH"
-    )]
-    pub socket: PathBuf,
     /// `/healthz`, `/readyz`, `/metrics`.
     #[arg(long, default_value = "0.0.0.0:9964", value_name = "ADDR")]
     pub status_addr: String,
     /// What to do with mesh pods running on this node without redirection.
-    #[arg(long, value_enum, default_value_t = Repair::Label)]
+    #[arg(long, value_enum, default_value_t = Repair::default())]
     pub repair: Repair,
     /// Remove the `podwire.io/not-ready` taint from this node once ready.
     #[arg(long)]
@@ -120,9 +105,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let mut install_args = args.install.clone();
     if install_args.plugin_kubeconfig.is_none() && args.token_file.is_file() {
         let run_dir = args
-            .socket
+            .install
+            .agent_socket
             .parent()
-            .unwrap_or(Path::new("/var/run/podwire"))
+            .unwrap_or(Path::new(RUN_DIR))
             .to_path_buf();
         install_args.plugin_kubeconfig = Some(run_dir.join("kubeconfig"));
         tokio::spawn(plugin_credentials(
@@ -133,7 +119,6 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         ));
     }
     // Everything the plugin must agree on with this agent goes into its entry.
-    install_args.agent_socket = args.socket.clone();
     install_args.agent_namespace = Some(args.namespace.clone());
 
     tokio::spawn(watch_pods(
@@ -163,7 +148,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         fallback: Some(fallback),
         metrics: Some(state.metrics.clone()),
     });
-    let (listener, socket_file) = lookup_server::bind(&args.socket).await?;
+    let (listener, socket_file) = lookup_server::bind(&args.install.agent_socket).await?;
     let status = tokio::net::TcpListener::bind(&args.status_addr)
         .await
         .map_err(|e| Error::Kube {
@@ -469,7 +454,7 @@ async fn patch_condition(
     let patch = json!({"status": {"conditions": [{
         "type": CONDITION,
         "status": if ready { "True" } else { "False" },
-        "reason": if ready { "PodwireReady" } else { "PodwireNotReady" },
+        "reason": if ready { REASON_READY } else { REASON_NOT_READY },
         "message": message,
         "lastHeartbeatTime": now,
         "lastTransitionTime": now,
@@ -508,16 +493,17 @@ async fn remove_taint(nodes: &Api<Node>, node: &str) -> bool {
     }
 }
 
-/// Pod UIDs the plugin left a record for.
+/// Pod UIDs the plugin left a record for (the records are the node contract's).
 fn recorded_uids(state_dir: &Path) -> BTreeSet<String> {
-    let Ok(entries) = std::fs::read_dir(state_dir.join("pods")) else {
+    let Ok(entries) = std::fs::read_dir(records_dir(state_dir)) else {
         return BTreeSet::new();
     };
     entries
         .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
-        .filter_map(|v| v["uid"].as_str().map(str::to_string))
+        .filter_map(|d| serde_json::from_slice::<Record>(&d).ok())
+        .map(|r| r.uid)
         .collect()
 }
 
@@ -558,7 +544,7 @@ async fn repair(
         );
         let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let (action, result) = match args.repair {
-            Repair::Off => ("reported", Ok(())),
+            Repair::Off => ("report", Ok(())),
             Repair::Delete => {
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions {
@@ -595,9 +581,7 @@ async fn repair(
         event(client, &ns, &name, &uid, "PodwireUninitialized", &message).await;
         // Counted once the repair is complete, Event included: whoever reads the metric sees
         // a finished repair.
-        state
-            .metrics
-            .repaired(if result.is_ok() { action } else { "failed" });
+        state.metrics.repaired(args.repair, result.is_ok());
     }
 }
 

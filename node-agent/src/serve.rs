@@ -30,7 +30,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         value_name = "PATH",
-        default_value = "/var/run/podwire/agent.sock"
+        default_value = podwire_core::node::DEFAULT_AGENT_SOCKET
     )]
     pub socket: PathBuf,
 }

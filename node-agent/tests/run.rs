@@ -436,7 +436,8 @@ fn sigterm_uninstalls_when_the_daemonset_is_gone() {
 
 #[test]
 fn pods_that_raced_the_plugin_are_labelled_or_deleted_with_an_event() {
-    for mode in ["label", "delete"] {
+    // `off` only reports, and is counted as such (it once recorded an action no metric knew).
+    for mode in ["label", "delete", "off"] {
         let api = ApiServer::start().expect("api");
         cluster(&api, true);
         api.put(
@@ -463,10 +464,22 @@ fn pods_that_raced_the_plugin_are_labelled_or_deleted_with_an_event() {
         };
         let redirected_uid = uid("redirected");
         let a = start(&api, &["--repair", mode], |d| {
-            // The plugin's record for the pod it redirected.
+            // The plugin's record for the pod it redirected, as the node contract types it.
+            let record = podwire_core::node::Record {
+                network: "k8s-pod-network".into(),
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+                netns: "/var/run/netns/c1".into(),
+                namespace: "app".into(),
+                name: "redirected".into(),
+                uid: redirected_uid.clone(),
+                backend: "nft".into(),
+                ipv6: false,
+                entry_rules: vec!["PREROUTING -p tcp -j ISTIO_INBOUND".into()],
+            };
             std::fs::write(
-                d.join("state/pods/c1_eth0.json"),
-                json!({"uid": redirected_uid}).to_string(),
+                podwire_core::node::record_path(&d.join("state"), "c1", "eth0"),
+                serde_json::to_vec(&record).expect("json"),
             )
             .expect("record");
         });
@@ -481,7 +494,13 @@ fn pods_that_raced_the_plugin_are_labelled_or_deleted_with_an_event() {
                 raced.expect("still there")["metadata"]["labels"]["podwire.io/uninitialized"],
                 "true"
             ),
-            _ => assert!(raced.is_none(), "raced pod must be deleted"),
+            "delete" => assert!(raced.is_none(), "raced pod must be deleted"),
+            _ => assert!(
+                raced.expect("still there")["metadata"]["labels"]
+                    .get("podwire.io/uninitialized")
+                    .is_none(),
+                "--repair=off must not label"
+            ),
         }
         for name in ["redirected", "starting", "plain"] {
             let p = api

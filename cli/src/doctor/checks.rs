@@ -13,6 +13,7 @@ use podwire_core::inject::{
     apply_patch, decide, injection_patch, plan, read_pod, InjectorConfig, LabelSelector, Labels,
     Policy, Quantity, Step,
 };
+use podwire_core::node::{Repair, CONDITION};
 use podwire_core::MeshProfile;
 use podwire_injector::LoadedConfig;
 use serde::Serialize;
@@ -989,16 +990,16 @@ fn node_agent(inp: &Inputs) -> Outcome {
             .status
             .iter()
             .flat_map(|s| s.conditions.iter().flatten())
-            .find(|c| c.type_ == "PodwireReady");
+            .find(|c| c.type_ == CONDITION);
         match cond {
             Some(c) if c.status == "True" => evidence.push(format!(
-                "node {name}: PodwireReady True ({})",
+                "node {name}: {CONDITION} True ({})",
                 c.message.as_deref().unwrap_or("")
             )),
             Some(c) => {
                 bad.push(name.to_string());
                 evidence.push(format!(
-                    "node {name}: PodwireReady {}: {}",
+                    "node {name}: {CONDITION} {}: {}",
                     c.status,
                     c.message.as_deref().unwrap_or("(no message)")
                 ));
@@ -1006,7 +1007,7 @@ fn node_agent(inp: &Inputs) -> Outcome {
             None => {
                 bad.push(name.to_string());
                 evidence.push(format!(
-                    "node {name}: no PodwireReady condition: podwire-agent has never reported on it (not scheduled there?)"
+                    "node {name}: no {CONDITION} condition: podwire-agent has never reported on it (not scheduled there?)"
                 ));
             }
         }
@@ -1256,10 +1257,16 @@ fn pod_security(inp: &Inputs, cfg: &Config) -> Outcome {
 
 // 14 -----------------------------------------------------------------------------------------
 
-/// The agent's `--repair` mode from its DaemonSet (default `label`).
-fn repair_mode(inp: &Inputs) -> String {
+/// The agent's `--repair` mode from its DaemonSet, and how it was found (default `label`).
+fn repair_mode(inp: &Inputs) -> (Repair, String) {
     let Ok(ds) = &inp.cluster.agent else {
-        return "label (assumed: the DaemonSet could not be read)".into();
+        return (
+            Repair::default(),
+            format!(
+                "{} (assumed: the DaemonSet could not be read)",
+                Repair::default()
+            ),
+        );
     };
     let args: Vec<&String> = ds
         .spec
@@ -1268,17 +1275,26 @@ fn repair_mode(inp: &Inputs) -> String {
         .flat_map(|p| p.containers.iter())
         .flat_map(|c| c.args.iter().flatten())
         .collect();
-    for (i, a) in args.iter().enumerate() {
-        if let Some(v) = a.strip_prefix("--repair=") {
-            return v.to_string();
-        }
-        if a.as_str() == "--repair" {
-            if let Some(v) = args.get(i + 1) {
-                return v.to_string();
-            }
-        }
+    let given = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--repair=").map(str::to_string).or_else(|| {
+            (a.as_str() == "--repair")
+                .then(|| args.get(i + 1).map(|v| v.to_string()))
+                .flatten()
+        })
+    });
+    match given {
+        None => (Repair::default(), Repair::default().to_string()),
+        Some(v) => match v.parse::<Repair>() {
+            Ok(r) => (r, r.to_string()),
+            Err(e) => (
+                Repair::default(),
+                format!(
+                    "{} (assumed: the DaemonSet's --repair {e})",
+                    Repair::default()
+                ),
+            ),
+        },
     }
-    "label".into()
 }
 
 fn rbac_check(inp: &Inputs) -> Outcome {
@@ -1286,12 +1302,11 @@ fn rbac_check(inp: &Inputs) -> Outcome {
         Ok(r) => r,
         Err(e) => return unknown(e.clone()),
     };
-    let repair = repair_mode(inp);
+    let (mode, repair) = repair_mode(inp);
     let mut evidence = Vec::new();
     let mut bad = false;
-    let mode = repair.split(' ').next().unwrap_or("label");
     for (sa, needs) in [
-        ("podwire-agent", rbac::agent_needs(mode)),
+        (fetch::AGENT, rbac::agent_needs(mode)),
         ("podwire-injector", rbac::injector_needs()),
     ] {
         let missing = rbac::missing(r, SYSTEM_NS, sa, &needs);

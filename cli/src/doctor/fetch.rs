@@ -20,11 +20,11 @@ use std::time::Duration;
 pub type Fetched<T> = Result<T, String>;
 
 /// Where podwire's own objects live (install/podwire.yaml).
-pub const SYSTEM_NS: &str = "podwire-system";
+pub const SYSTEM_NS: &str = podwire_core::node::PODWIRE_NAMESPACE;
 pub const WEBHOOK_CONFIG: &str = "podwire-sidecar-injector";
 pub const INJECTOR: &str = "podwire-injector";
 pub const INJECTOR_SECRET: &str = "podwire-injector-tls";
-pub const AGENT: &str = "podwire-agent";
+pub const AGENT: &str = podwire_core::node::AGENT_DAEMONSET;
 
 /// Per request: a hung API server must not hang the doctor.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

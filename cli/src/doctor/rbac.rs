@@ -4,6 +4,7 @@
 
 use super::fetch::{Rbac, SYSTEM_NS};
 use k8s_openapi::api::rbac::v1::{PolicyRule, RoleRef, Subject};
+use podwire_core::node::Repair;
 
 /// One permission a component needs. `verbs` lists alternatives: any one of them will do
 /// (the agent's repair needs `patch` for `--repair=label` or `delete` for `--repair=delete`).
@@ -38,12 +39,12 @@ fn need(
 }
 
 /// README.md "RBAC the agent needs". `repair` is the agent's `--repair` mode.
-pub fn agent_needs(repair: &str) -> Vec<Need> {
+pub fn agent_needs(repair: Repair) -> Vec<Need> {
     let mut n = need("", "pods", &["get", "list", "watch"], None, None);
     match repair {
-        "off" => {}
-        "delete" => n.extend(need("", "pods", &["delete"], None, None)),
-        _ => n.extend(need("", "pods", &["patch"], None, None)),
+        Repair::Off => {}
+        Repair::Delete => n.extend(need("", "pods", &["delete"], None, None)),
+        Repair::Label => n.extend(need("", "pods", &["patch"], None, None)),
     }
     n.extend(need("", "nodes", &["get", "patch"], None, None));
     n.extend(need("", "nodes/status", &["patch"], None, None));
