@@ -54,7 +54,10 @@ fn expect(
         }
         Err(e) => Check {
             ok: false,
-            line: format!("✘ {what:<34} failed: {e:#}"),
+            line: format!(
+                "✘ {what:<34} failed: {}",
+                podwire_core::error::report(e.as_ref())
+            ),
         },
     }
 }

@@ -64,7 +64,10 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("podwire: error: {e:#}");
+            eprintln!(
+                "podwire: error: {}",
+                podwire_core::error::report(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

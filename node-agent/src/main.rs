@@ -78,7 +78,7 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            tracing::error!("{}", podwire_core::error::report(err.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -670,3 +670,26 @@ fn help_describes_the_commands() {
         assert!(help.contains(needle), "{needle} missing:\n{help}");
     }
 }
+
+#[test]
+fn a_startup_error_names_its_cause_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("no-such-dir");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--pods-dir")
+        .arg(&missing)
+        .arg("--socket")
+        .arg(tmp.path().join("agent.sock"))
+        .output()
+        .expect("run podwire-agent");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cause = std::io::Error::from(std::io::ErrorKind::NotFound).to_string();
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert_eq!(
+        stderr.matches("os error 2").count(),
+        1,
+        "the cause ({cause}) is printed once: {stderr}"
+    );
+}

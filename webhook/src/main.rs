@@ -157,7 +157,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("podwire-injector: error: {e:#}");
+            eprintln!(
+                "podwire-injector: error: {}",
+                podwire_core::error::report(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

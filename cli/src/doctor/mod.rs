@@ -114,8 +114,8 @@ fn first_object(docs: Vec<serde_yaml_ng::Value>) -> Result<(Value, usize), Strin
 
 /// The subject from `-f`, and its namespace. Errors are usage errors.
 fn subject_from_file(file: &str, namespace: Option<&str>) -> Result<(Subject, String), String> {
-    let text = read_input(file).map_err(|e| format!("{e:#}"))?;
-    let docs = documents(&text, file).map_err(|e| format!("{e:#}"))?;
+    let text = read_input(file).map_err(|e| podwire_core::error::report(e.as_ref()))?;
+    let docs = documents(&text, file).map_err(|e| podwire_core::error::report(e.as_ref()))?;
     let (obj, n) = first_object(docs).map_err(|e| format!("{file}: {e}"))?;
     if n > 1 {
         eprintln!("podwire: note: {file} holds {n} pods/workloads; checking the first");
