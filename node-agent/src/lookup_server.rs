@@ -124,9 +124,29 @@ pub type Fallback = Arc<
         + Sync,
 >;
 
+/// The pods a source holds: the pod directory's snapshot (`serve`) or the node-scoped watch's
+/// reflector store (`run`).
+pub trait PodIndex: Send + Sync {
+    /// What is held for `request`'s namespace/name.
+    fn held(&self, request: &LookupRequest) -> Held;
+    /// Problems that may hide pods (manifests whose pod cannot even be named).
+    fn degraded(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl PodIndex for PodStore {
+    fn held(&self, request: &LookupRequest) -> Held {
+        local(&self.snapshot(), request)
+    }
+    fn degraded(&self) -> Vec<String> {
+        self.snapshot().degraded().to_vec()
+    }
+}
+
 /// Where answers come from.
 pub struct Source {
-    pub store: Arc<PodStore>,
+    pub store: Arc<dyn PodIndex>,
     /// `None`: the store is complete from the start (a directory). `Some(flag)`: complete once
     /// the flag is set (the first sync of a watch); before that a miss is not an answer.
     pub synced: Option<Arc<AtomicBool>>,
@@ -145,6 +165,7 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     pub fn directory(store: Arc<PodStore>) -> Source {
+        let store: Arc<dyn PodIndex> = store;
         Source {
             store,
             synced: None,
@@ -164,8 +185,7 @@ impl Source {
             Ok(request) => request,
             Err(response) => return response,
         };
-        let pods = self.store.snapshot();
-        let held = local(&pods, &request);
+        let held = self.store.held(&request);
         let response = match held {
             Held::Found(pod) => LookupResponse::new(LookupStatus::Found { pod }),
             Held::Unreadable(problem) => LookupResponse::new(LookupStatus::Error {
@@ -177,7 +197,7 @@ impl Source {
             }),
             Held::OtherUid(_) | Held::Absent => match &self.fallback {
                 Some(get) => self.ask_api_server(get, &request, &held).await,
-                None => LookupResponse::new(self.miss(&pods, &request, &held)),
+                None => LookupResponse::new(self.miss(&request, &held)),
             },
         };
         tracing::debug!(
@@ -195,7 +215,7 @@ impl Source {
     }
 
     /// A miss without an API server to ask: `notFound` only from a complete source.
-    fn miss(&self, pods: &Pods, request: &LookupRequest, held: &Held) -> LookupStatus {
+    fn miss(&self, request: &LookupRequest, held: &Held) -> LookupStatus {
         if let Held::OtherUid(uid) = held {
             return lookup::other_uid(request, uid, "the pod source");
         }
@@ -204,7 +224,7 @@ impl Source {
                 message: "pod cache not synced yet".to_owned(),
             };
         }
-        match pods.degraded() {
+        match self.store.degraded().as_slice() {
             [] => LookupStatus::NotFound,
             problems => LookupStatus::NotReady {
                 message: format!(
@@ -371,7 +391,7 @@ fn error(message: String) -> LookupResponse {
 
 /// What the held pods say about a request.
 #[derive(Debug)]
-enum Held {
+pub enum Held {
     Found(Box<PodInfo>),
     /// The pod's manifest cannot be read: what is wrong.
     Unreadable(String),

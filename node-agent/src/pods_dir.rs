@@ -92,20 +92,6 @@ impl Pods {
         self.len == 0
     }
 
-    /// Removes `namespace/name`; returns it if it was there.
-    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<PodInfo> {
-        let removed = self.by_namespace.get_mut(namespace)?.remove(name);
-        if removed.is_some() {
-            self.len -= 1;
-        }
-        removed
-    }
-
-    /// Every pod, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &PodInfo> {
-        self.by_namespace.values().flat_map(|m| m.values())
-    }
-
     /// Adds `pod` under (`pod.namespace()`, `metadata.name`); returns the pod it replaced.
     pub fn insert(&mut self, pod: PodInfo) -> Option<PodInfo> {
         let previous = self

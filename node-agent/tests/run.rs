@@ -75,7 +75,7 @@ fn pod_path(ns: &str, name: &str) -> String {
 fn cluster(api: &ApiServer, daemonset: bool) {
     api.put(
         &format!("/api/v1/nodes/{NODE}"),
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "uid": "node-uid-1"},
                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
     );
     if daemonset {
@@ -388,8 +388,14 @@ fn an_install_failure_is_reported_retried_and_the_startup_taint_waits_for_ready(
         },
     );
     eventually("an Event on the Node", Duration::from_secs(10), || {
-        api.count("POST", "/api/v1/namespaces/default/events") >= 1
+        api.count("POST", "/apis/events.k8s.io/v1/namespaces/default/events") >= 1
     });
+    // On the real Node object (its uid), not a made-up reference.
+    let events = api.objects_under("/apis/events.k8s.io/v1/namespaces/default/events/");
+    let event = events.first().expect("the Event is stored");
+    assert_eq!(event["regarding"]["kind"], "Node");
+    assert_eq!(event["regarding"]["uid"], "node-uid-1");
+    assert_eq!(event["reason"], "PodwireInstallFailed");
     let taints =
         || api.get(&format!("/api/v1/nodes/{NODE}")).expect("node")["spec"]["taints"].clone();
     assert!(
@@ -513,7 +519,7 @@ fn pods_that_raced_the_plugin_are_labelled_or_deleted_with_an_event() {
                 "{name} must not be labelled"
             );
         }
-        let events = api.count("POST", "/api/v1/namespaces/app/events");
+        let events = api.count("POST", "/apis/events.k8s.io/v1/namespaces/app/events");
         assert_eq!(events, 1, "one Event for the raced pod ({mode})");
         if mode == "delete" {
             let reqs = api.requests.lock().expect("lock").clone();
@@ -527,7 +533,10 @@ fn pods_that_raced_the_plugin_are_labelled_or_deleted_with_an_event() {
         eventually("two more heartbeats", Duration::from_secs(10), || {
             api.count("GET", &format!("/api/v1/nodes/{NODE}")) >= node_gets + 2
         });
-        assert_eq!(api.count("POST", "/api/v1/namespaces/app/events"), 1);
+        assert_eq!(
+            api.count("POST", "/apis/events.k8s.io/v1/namespaces/app/events"),
+            1
+        );
     }
 }
 

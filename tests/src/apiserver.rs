@@ -253,6 +253,17 @@ impl ApiServer {
         self.with_store(|s| s.objects.get(path).cloned())
     }
 
+    /// The stored objects whose path starts with `prefix` (e.g. a namespace's Events).
+    pub fn objects_under(&self, prefix: &str) -> Vec<Value> {
+        self.with_store(|s| {
+            s.objects
+                .iter()
+                .filter(|(p, _)| p.starts_with(prefix))
+                .map(|(_, o)| o.clone())
+                .collect()
+        })
+    }
+
     /// Forget history: watches from an older resourceVersion get `410 Gone`.
     pub fn compact(&self) {
         self.with_store(|s| s.compacted = s.rv);

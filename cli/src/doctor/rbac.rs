@@ -48,7 +48,13 @@ pub fn agent_needs(repair: Repair) -> Vec<Need> {
     }
     n.extend(need("", "nodes", &["get", "patch"], None, None));
     n.extend(need("", "nodes/status", &["patch"], None, None));
-    n.extend(need("", "events", &["create"], None, None));
+    n.extend(need(
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        None,
+        None,
+    ));
     n.extend(need(
         "apps",
         "daemonsets",
