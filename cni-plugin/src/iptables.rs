@@ -4,6 +4,7 @@
 //! pod-scoped (`XTABLES_LOCKFILE`), so 110 pods starting at once never wait on each other.
 
 use crate::config::Backend;
+use crate::nftables::NftFailure;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
@@ -15,7 +16,9 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
+use tracing::{debug, warn};
 
 /// How long one iptables-restore/-save may take before it is killed: it waits at most 5 s for
 /// the (pod-scoped) xtables lock, so anything longer is a hung tool, and the runtime must get
@@ -132,6 +135,35 @@ impl Tools {
     }
 }
 
+/// The tools of one backend and family, looked up on first use: the in-process path never
+/// needs them, so a mesh ADD on an nft node does no PATH search.
+#[derive(Debug)]
+pub struct LazyTools {
+    backend: Concrete,
+    family: Family,
+    lockfile: PathBuf,
+    found: OnceLock<Tools>,
+}
+
+impl LazyTools {
+    pub fn new(backend: Concrete, family: Family, lockfile: &Path) -> LazyTools {
+        LazyTools {
+            backend,
+            family,
+            lockfile: lockfile.to_path_buf(),
+            found: OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self) -> Result<&Tools, String> {
+        if let Some(t) = self.found.get() {
+            return Ok(t);
+        }
+        let t = Tools::find(self.backend, self.family, &self.lockfile)?;
+        Ok(self.found.get_or_init(|| t))
+    }
+}
+
 /// An anonymous in-memory file: the tool's stdin, stdout or stderr. Unlike pipes, nothing
 /// blocks when nobody reads, so one thread can wait for the exit with a deadline.
 fn memfile(name: &std::ffi::CStr, content: &[u8]) -> std::io::Result<File> {
@@ -199,21 +231,59 @@ fn run(cmd: &mut Command, input: &[u8], limit: Duration) -> Result<Output, Strin
     }
 }
 
+/// How new rules were written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// One nf_tables batch over netlink, in-process.
+    Netlink,
+    /// `iptables-restore --noflush`.
+    Restore,
+}
+
 /// What an ADD did for one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    New,
+    New(Via),
     AlreadyPresent,
     Replaced,
 }
 
-/// Program `want`. Fast path: one restore that creates the chains (fails atomically when they
-/// exist). Only then read the table: identical rules (entry rules first in their built-in
-/// chains) make ADD a no-op; anything else, a rule shadowing them included, is replaced in one
-/// transaction. `previous`: the entry rules an earlier ADD recorded.
-pub fn apply(tools: &Tools, want: &RuleSet, previous: &[Rule]) -> Result<Applied, String> {
+/// The in-process programmer: [`crate::nftables::program`], replaceable in tests.
+pub type Programmer = fn(&RuleSet) -> Result<(), NftFailure>;
+
+/// Program `want`. Fast path on nft nodes: one in-process nf_tables batch that creates the
+/// chains (fails atomically when they exist); on legacy nodes, or when the batch fails for any
+/// reason (named in the log), one `iptables-restore` doing the same. Only then read the table:
+/// identical rules (entry rules first in their built-in chains) make ADD a no-op; anything
+/// else, a rule shadowing them included, is replaced in one transaction. `previous`: the entry
+/// rules an earlier ADD recorded.
+pub fn apply(
+    tools: &LazyTools,
+    want: &RuleSet,
+    previous: &[Rule],
+    netlink: Option<Programmer>,
+    pod: &str,
+) -> Result<Applied, String> {
+    let fam = want.family.name();
+    match (tools.backend, netlink) {
+        (Concrete::Nft, Some(program)) => match program(want) {
+            Ok(()) => return Ok(Applied::New(Via::Netlink)),
+            Err(e) if e.exists() => {
+                debug!(pod, "{fam}: the chains exist ({e}); reading the table with iptables-nft-save")
+            }
+            Err(e) => warn!(
+                pod,
+                "{fam}: in-process nf_tables programming did not commit, nothing changed: {e}; falling back to iptables-nft-restore"
+            ),
+        },
+        (Concrete::Legacy, _) => {
+            debug!(pod, "{fam}: legacy iptables backend: iptables-legacy-restore (nf_tables netlink does not apply)")
+        }
+        (Concrete::Nft, None) => {}
+    }
+    let tools = tools.get()?;
     let first = match tools.restore(&want.to_restore_input()) {
-        Ok(()) => return Ok(Applied::New),
+        Ok(()) => return Ok(Applied::New(Via::Restore)),
         Err(e) => e,
     };
     let table = parse_nat(&tools.save_nat()?);
