@@ -297,6 +297,35 @@ pub fn apply(
     Ok(Applied::Replaced)
 }
 
+/// Program every family in turn (`tools[i]` for `sets[i]`). When one fails, the families
+/// programmed before it are removed again (no partial redirection; iptables-save reads them
+/// whichever path wrote them) and the failed family is named.
+pub fn apply_all(
+    tools: &[LazyTools],
+    sets: &[RuleSet],
+    previous: &[Rule],
+    netlink: Option<Programmer>,
+    pod: &str,
+) -> Result<Vec<Applied>, (Family, String)> {
+    let mut done: Vec<Applied> = Vec::new();
+    for (t, set) in tools.iter().zip(sets) {
+        match apply(t, set, previous, netlink, pod) {
+            Ok(a) => done.push(a),
+            Err(reason) => {
+                for (t, set) in tools.iter().zip(sets).take(done.len()) {
+                    let entries: Vec<Rule> = set.entry_rules().cloned().collect();
+                    let removed = t.get().and_then(|t| remove(t, &set.chains, &entries));
+                    if let Err(e) = removed {
+                        warn!(pod, "rollback of {} rules failed: {e}", set.family.name());
+                    }
+                }
+                return Err((set.family, reason));
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Remove podwire's chains, the rules jumping into them and the recorded `entries`;
 /// `Ok(false)` when there were none.
 pub fn remove(tools: &Tools, chains: &[String], entries: &[Rule]) -> Result<bool, String> {
@@ -315,6 +344,157 @@ pub fn check(tools: &Tools, want: &RuleSet) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podwire_core::render::render;
+    use podwire_core::{MeshProfile, RedirectSpec};
+    use podwire_lab::{require_root, Netns};
+
+    fn default_set(family: Family) -> RuleSet {
+        let p = MeshProfile::istio();
+        render(&RedirectSpec::defaults(&p), &p, family)
+    }
+
+    fn lock() -> PathBuf {
+        std::env::temp_dir().join(format!("podwire-iptables-test-{}.lock", std::process::id()))
+    }
+
+    fn nat(ns: &Netns, family: Family) -> String {
+        let bin = match family {
+            Family::V4 => "iptables-nft-save",
+            Family::V6 => "ip6tables-nft-save",
+        };
+        let out = ns
+            .output(Command::new(bin).args(["-t", "nat"]))
+            .expect("save");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn refused(_: &RuleSet) -> Result<(), NftFailure> {
+        Err(NftFailure {
+            errno: Some(nix::errno::Errno::EOPNOTSUPP),
+            detail: "test: nf_tables refused the batch".into(),
+        })
+    }
+
+    /// A batch the kernel refuses (here: EOPNOTSUPP, as without nf_tables or nft_compat)
+    /// changes nothing, and iptables-restore programs the rules instead.
+    #[test]
+    fn a_refused_batch_falls_back_to_iptables_restore() {
+        if !require_root() {
+            return;
+        }
+        let lock = lock();
+        for family in [Family::V4, Family::V6] {
+            let set = default_set(family);
+            let (a, b) = (
+                Netns::new("ft").expect("netns"),
+                Netns::new("ft").expect("netns"),
+            );
+            let tools = LazyTools::new(Concrete::Nft, family, &lock);
+            let via = a
+                .run(|| apply(&tools, &set, &[], Some(refused), "test/pod"))
+                .expect("thread")
+                .expect("fallback programs the rules");
+            assert_eq!(via, Applied::New(Via::Restore));
+            let tools = LazyTools::new(Concrete::Nft, family, &lock);
+            let via = b
+                .run(|| {
+                    apply(
+                        &tools,
+                        &set,
+                        &[],
+                        Some(crate::nftables::program),
+                        "test/pod",
+                    )
+                })
+                .expect("thread")
+                .expect("netlink programs the rules");
+            assert_eq!(via, Applied::New(Via::Netlink));
+            assert_eq!(
+                parse_nat(&nat(&a, family)).missing(&set),
+                Vec::<String>::new()
+            );
+            // ADD again over netlink-written rules: the exec path sees them as present.
+            let tools = LazyTools::new(Concrete::Nft, family, &lock);
+            let again = b
+                .run(|| {
+                    apply(
+                        &tools,
+                        &set,
+                        &[],
+                        Some(crate::nftables::program),
+                        "test/pod",
+                    )
+                })
+                .expect("thread")
+                .expect("ADD again");
+            assert_eq!(again, Applied::AlreadyPresent);
+            // Legacy never takes the netlink path.
+            let tools = LazyTools::new(Concrete::Legacy, family, &lock);
+            let c = Netns::new("ft").expect("netns");
+            let via = c
+                .run(|| apply(&tools, &set, &[], Some(refused), "test/pod"))
+                .expect("thread");
+            assert!(
+                matches!(via, Ok(Applied::New(Via::Restore))),
+                "legacy: {via:?}"
+            );
+        }
+        let _ = std::fs::remove_file(&lock);
+    }
+
+    /// IPv6 fails on both paths (the ip6 nat table is owned by another socket: EPERM), so the
+    /// IPv4 rules programmed just before are removed again and IPv6 is named.
+    #[test]
+    fn ipv6_failure_rolls_back_ipv4() {
+        if !require_root() {
+            return;
+        }
+        let lock = lock();
+        let ns = Netns::new("rb").expect("netns");
+        let owner = ns
+            .run(|| crate::nftables::hold_table(Family::V6))
+            .expect("thread")
+            .expect("owned ip6 nat table");
+        let sets = [default_set(Family::V4), default_set(Family::V6)];
+        let tools = [
+            LazyTools::new(Concrete::Nft, Family::V4, &lock),
+            LazyTools::new(Concrete::Nft, Family::V6, &lock),
+        ];
+        let out = ns
+            .run(|| {
+                apply_all(
+                    &tools,
+                    &sets,
+                    &[],
+                    Some(crate::nftables::program),
+                    "test/pod",
+                )
+            })
+            .expect("thread");
+        let (family, reason) = out.expect_err("IPv6 must fail");
+        assert_eq!(family, Family::V6, "{reason}");
+        let v4 = nat(&ns, Family::V4);
+        assert!(
+            v4.contains("*nat") && !v4.contains("ISTIO"),
+            "IPv4 not rolled back:\n{v4}"
+        );
+        drop(owner);
+        // Once the table is free again, the same call succeeds over netlink.
+        let out = ns
+            .run(|| {
+                apply_all(
+                    &tools,
+                    &sets,
+                    &[],
+                    Some(crate::nftables::program),
+                    "test/pod",
+                )
+            })
+            .expect("thread")
+            .expect("both families");
+        assert_eq!(out, vec![Applied::New(Via::Netlink); 2]);
+        let _ = std::fs::remove_file(&lock);
+    }
 
     #[test]
     fn a_hung_tool_is_killed_at_the_deadline() {

@@ -728,13 +728,19 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
 /// Send `batch` on a netfilter netlink socket of the calling thread's network namespace and
 /// wait for every ack. `Ok`: committed. `Err`: nothing changed (the batch is one transaction).
 pub fn send(batch: &Batch) -> Result<(), NftFailure> {
-    let sys = |what: &str| {
-        let what = what.to_string();
-        move |e: Errno| NftFailure {
-            errno: Some(e),
-            detail: format!("netlink socket: {what}"),
-        }
-    };
+    send_on(&open()?, batch)
+}
+
+fn sys(what: &str) -> impl Fn(Errno) -> NftFailure {
+    let what = what.to_string();
+    move |e: Errno| NftFailure {
+        errno: Some(e),
+        detail: format!("netlink socket: {what}"),
+    }
+}
+
+/// A netfilter netlink socket in the calling thread's network namespace.
+fn open() -> Result<std::os::fd::OwnedFd, NftFailure> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -748,6 +754,10 @@ pub fn send(batch: &Batch) -> Result<(), NftFailure> {
         &TimeVal::milliseconds(ACK_TIMEOUT_MS),
     )
     .map_err(sys("SO_RCVTIMEO"))?;
+    Ok(fd)
+}
+
+fn send_on(fd: &std::os::fd::OwnedFd, batch: &Batch) -> Result<(), NftFailure> {
     let kernel = NetlinkAddr::new(0, 0);
     let sent =
         sendto(fd.as_raw_fd(), &batch.bytes, &kernel, MsgFlags::empty()).map_err(sys("sendto"))?;
@@ -824,6 +834,54 @@ pub fn program(set: &RuleSet) -> Result<(), NftFailure> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.subsec_nanos() | 1);
     send(&encode(set, seq0 & 0x3fff_ffff)?)
+}
+
+/// Test fault: create `nat` of `family` owned by a socket of this process (NFT_TABLE_F_OWNER):
+/// until the returned socket closes, every other socket (iptables-restore's, the plugin's)
+/// gets EPERM on it.
+#[cfg(test)]
+pub fn hold_table(family: Family) -> Result<std::os::fd::OwnedFd, NftFailure> {
+    let fam = match family {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    };
+    let mut bytes = Vec::new();
+    Msg::new(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        1,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+    )
+    .finish(&mut bytes);
+    let mut m = Msg::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+        2,
+        fam,
+        0,
+    );
+    m.str(NFTA_TABLE_NAME, TABLE);
+    m.be32(2, 2); // NFTA_TABLE_FLAGS: NFT_TABLE_F_OWNER
+    m.finish(&mut bytes);
+    Msg::new(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        3,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+    )
+    .finish(&mut bytes);
+    let fd = open()?;
+    send_on(
+        &fd,
+        &Batch {
+            bytes,
+            begin_seq: 1,
+            acked: vec![(2, "owned table".into())],
+        },
+    )?;
+    Ok(fd)
 }
 
 #[cfg(test)]

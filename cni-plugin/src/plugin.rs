@@ -3,7 +3,7 @@
 use crate::config::{FailurePolicy, NetConf};
 use crate::env::{CniEnv, Command, PodRef};
 use crate::error::{PluginError, Result};
-use crate::iptables::{self, Applied, Concrete, LazyTools, Tools};
+use crate::iptables::{self, Concrete, LazyTools, Tools};
 use crate::lookup::{ask_agent, Lookup};
 use crate::netns::in_netns;
 use crate::record::{self, AttachmentLock, Record};
@@ -207,33 +207,10 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
         ))
     })?;
 
-    let outcome = in_netns(
-        Path::new(&netns),
-        || -> Result<Vec<Applied>, (Family, String)> {
-            let mut done: Vec<(usize, Applied)> = Vec::new();
-            for (i, (t, set)) in tools.iter().zip(&sets).enumerate() {
-                let netlink = Some(crate::nftables::program as iptables::Programmer);
-                match iptables::apply(t, set, &previous_entries, netlink, &who) {
-                    Ok(a) => done.push((i, a)),
-                    Err(reason) => {
-                        // Roll back the families already programmed: no partial redirection.
-                        // (iptables-save reads them whichever path wrote them.)
-                        for (j, _) in &done {
-                            let entries: Vec<Rule> = sets[*j].entry_rules().cloned().collect();
-                            let removed = tools[*j]
-                                .get()
-                                .and_then(|t| iptables::remove(t, &sets[*j].chains, &entries));
-                            if let Err(e) = removed {
-                                warn!(pod = %who, "rollback of {} rules failed: {e}", sets[*j].family.name());
-                            }
-                        }
-                        return Err((set.family, reason));
-                    }
-                }
-            }
-            Ok(done.into_iter().map(|(_, a)| a).collect())
-        },
-    );
+    let outcome = in_netns(Path::new(&netns), || {
+        let netlink = Some(crate::nftables::program as iptables::Programmer);
+        iptables::apply_all(&tools, &sets, &previous_entries, netlink, &who)
+    });
     let failure = match outcome {
         Ok(Ok(applied)) => {
             drop(lock);
