@@ -1,7 +1,10 @@
-//! Running `iptables-restore`/`iptables-save` (and the ip6tables twins) inside a pod netns.
+//! Programming the rules inside a pod netns: in-process over nf_tables netlink on nft nodes
+//! ([`crate::nftables`], one acked batch per family), `iptables-restore`/`iptables-save` (and the
+//! ip6tables twins) for everything else: legacy nodes, a batch the kernel refuses, ADD again,
+//! repair, DEL and CHECK (they read the table through iptables-save, whichever path wrote it).
 //!
-//! One atomic `iptables-restore --noflush` per family on the fast path. The xtables lock is
-//! pod-scoped (`XTABLES_LOCKFILE`), so 110 pods starting at once never wait on each other.
+//! One atomic transaction per family either way. The xtables lock is pod-scoped
+//! (`XTABLES_LOCKFILE`), so 110 pods starting at once never wait on each other.
 
 use crate::config::Backend;
 use crate::nftables::NftFailure;
@@ -61,8 +64,8 @@ fn find_tool(name: &str) -> Option<PathBuf> {
 
 /// Pick the backend the node already uses: a configured override wins; otherwise legacy when
 /// the host netns has legacy tables loaded (kube-proxy/Docker in legacy mode), else whatever
-/// the node's `iptables` command is, else nft. Cheap: one file read and one readlink chain,
-/// no process spawned.
+/// the node's `iptables` command is (in /usr/sbin, /sbin, /usr/bin, /bin, else on PATH), else
+/// nft. Cheap: one file read and one readlink chain, no process spawned.
 pub fn detect(configured: Backend) -> Concrete {
     match configured {
         Backend::Legacy => return Concrete::Legacy,
@@ -74,7 +77,14 @@ pub fn detect(configured: Backend) -> Concrete {
     if !legacy_tables.trim().is_empty() {
         return Concrete::Legacy;
     }
-    match find_tool("iptables").and_then(|p| std::fs::canonicalize(p).ok()) {
+    // The distribution's own location first (one stat on a typical node); PATH only when the
+    // command lives elsewhere.
+    let iptables = SEARCH
+        .iter()
+        .map(|d| Path::new(d).join("iptables"))
+        .find(|p| p.is_file())
+        .or_else(|| find_tool("iptables"));
+    match iptables.and_then(|p| std::fs::canonicalize(p).ok()) {
         Some(real) if real.to_string_lossy().contains("legacy") => Concrete::Legacy,
         Some(_) => Concrete::Nft,
         None if find_tool("iptables-nft-restore").is_some() => Concrete::Nft,
