@@ -989,6 +989,84 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// The compat payloads, byte for byte as iptables-nft 1.8.9 sent them for the reference
+    /// rules (captured with `strace -e write=all iptables-nft-restore`).
+    #[test]
+    fn compat_payloads_are_the_ones_iptables_nft_sends() {
+        let info = |e: Expr| match e {
+            Expr::Match { info, .. } | Expr::Target { info, .. } => hex(&info),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            info(owner_match(XT_OWNER_UID, 1337, false)),
+            "390500003905000000000000000000000100000000000000"
+        );
+        assert_eq!(
+            info(owner_match(XT_OWNER_GID, 1337, true)),
+            "000000000000000039050000390500000202000000000000"
+        );
+        assert_eq!(
+            info(redirect_target(Family::V4, 15001)),
+            "010000000200000000000000000000003a993a9900000000"
+        );
+        assert_eq!(
+            info(redirect_target(Family::V6, 15001)),
+            format!("02000000{}3a993a99", "00".repeat(32))
+        );
+        // 172.16.0.0/12: the whole address, a mask, the masked address; 10.0.0.0/8: one byte.
+        let mut out = Vec::new();
+        addr(
+            Family::V4,
+            true,
+            false,
+            &"172.16.0.0/12".parse().expect("net"),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                Expr::Payload {
+                    base: 1,
+                    offset: 16,
+                    len: 4
+                },
+                Expr::Bitwise {
+                    mask: vec![0xff, 0xf0, 0, 0]
+                },
+                Expr::Cmp {
+                    neq: false,
+                    data: vec![172, 16, 0, 0]
+                },
+            ]
+        );
+        out.clear();
+        addr(
+            Family::V4,
+            true,
+            true,
+            &"10.0.0.0/8".parse().expect("net"),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                Expr::Payload {
+                    base: 1,
+                    offset: 16,
+                    len: 1
+                },
+                Expr::Cmp {
+                    neq: true,
+                    data: vec![10]
+                },
+            ]
+        );
+    }
+
     #[test]
     fn encoding_is_refused_for_forms_it_does_not_know() {
         let rule = |args: &str| RuleSet {
