@@ -1,5 +1,5 @@
 //! Programming a [`RuleSet`] into nf_tables over netlink, in-process: one batch per address
-//! family, every message acked, encoding exactly what `iptables-nft-restore` (1.8.x) writes for
+//! family, acked once at its end (errors name the message), encoding exactly what `iptables-nft-restore` (1.8.x) writes for
 //! the same rules, so `iptables-save -t nat` in the pod prints the same text whichever path
 //! wrote them, and DEL, CHECK and `iptables -C` keep working on them.
 //!
@@ -592,7 +592,8 @@ fn base_chain(name: &str) -> Option<(u32, i32)> {
 pub struct Batch {
     bytes: Vec<u8>,
     begin_seq: u32,
-    /// (seq, description) of each acked message.
+    /// (seq, description) of each message between begin and end; only the last asks for an
+    /// ack (errors are always reported, before it): one read on success.
     acked: Vec<(u32, String)>,
 }
 
@@ -631,7 +632,9 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
         NFNL_SUBSYS_NFTABLES,
     )
     .finish(&mut bytes);
+    let mut starts = Vec::new();
     let mut push = |m: Msg, what: String, seq: u32, bytes: &mut Vec<u8>| {
+        starts.push(bytes.len());
         m.finish(bytes);
         acked.push((seq, what));
     };
@@ -709,6 +712,11 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
             &mut bytes,
         );
     }
+    // Errors come back whatever the flags; an ack only for the last message.
+    for &at in starts.iter().rev().skip(1) {
+        let flags = u16::from_ne_bytes([bytes[at + 6], bytes[at + 7]]) & !NLM_F_ACK;
+        bytes[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+    }
     seq += 1;
     Msg::new(
         NFNL_MSG_BATCH_END,
@@ -768,20 +776,27 @@ fn send_on(fd: &std::os::fd::OwnedFd, batch: &Batch) -> Result<(), NftFailure> {
         });
     }
 
-    let mut pending: Vec<(u32, &str)> = batch.acked.iter().map(|(s, w)| (*s, w.as_str())).collect();
+    let Some(&(last_seq, _)) = batch.acked.last() else {
+        return Ok(());
+    };
+    let what = |seq: u32| {
+        batch
+            .acked
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .map_or("?", |(_, w)| w.as_str())
+    };
     let mut first_error: Option<NftFailure> = None;
     let mut buf = vec![0u8; 64 * 1024];
-    while !pending.is_empty() {
+    let mut done = false;
+    while !done {
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => {
                 return Err(first_error.unwrap_or(NftFailure {
                     errno: Some(Errno::ETIMEDOUT),
-                    detail: format!(
-                        "no answer from nf_tables within {ACK_TIMEOUT_MS} ms ({} messages unacknowledged)",
-                        pending.len()
-                    ),
+                    detail: format!("no answer from nf_tables within {ACK_TIMEOUT_MS} ms"),
                 }))
             }
             Err(e) => return Err(sys("recv")(e)),
@@ -802,21 +817,19 @@ fn send_on(fd: &std::os::fd::OwnedFd, batch: &Batch) -> Result<(), NftFailure> {
             if ty == NLMSG_ERROR && len >= 20 {
                 let code = i32::from_ne_bytes(word(off + 16));
                 if seq == batch.begin_seq {
-                    // The batch as a whole was refused (no nf_tables, no permission).
+                    // The batch as a whole was refused (no nf_tables, no permission, no memory).
                     return Err(NftFailure {
                         errno: Some(Errno::from_raw(-code)),
                         detail: "nf_tables refused the batch".into(),
                     });
                 }
-                if let Some(i) = pending.iter().position(|(s, _)| *s == seq) {
-                    let (_, what) = pending.swap_remove(i);
-                    if code != 0 && first_error.is_none() {
-                        first_error = Some(NftFailure {
-                            errno: Some(Errno::from_raw(-code)),
-                            detail: format!("nf_tables refused \"{what}\""),
-                        });
-                    }
+                if code != 0 && first_error.is_none() {
+                    first_error = Some(NftFailure {
+                        errno: Some(Errno::from_raw(-code)),
+                        detail: format!("nf_tables refused \"{}\"", what(seq)),
+                    });
                 }
+                done |= seq == last_seq;
             }
             off += (len + 3) & !3;
         }
