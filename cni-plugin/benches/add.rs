@@ -263,13 +263,31 @@ fn timed_baseline(ns: &Netns, rules: &str) -> Result<Duration> {
     Ok(took)
 }
 
+/// True when the ELF64 file at `path` asks for a program interpreter (PT_INTERP): dynamic.
+fn is_dynamic(path: &Path) -> bool {
+    let Ok(d) = std::fs::read(path) else {
+        return true;
+    };
+    let at = |o: usize, n: usize| -> usize {
+        d.get(o..o + n)
+            .map(|b| {
+                b.iter()
+                    .rev()
+                    .fold(0usize, |acc, x| (acc << 8) | usize::from(*x))
+            })
+            .unwrap_or(0)
+    };
+    if d.get(..5) != Some(b"\x7fELF\x02".as_slice()) {
+        return true;
+    }
+    let (phoff, phentsize, phnum) = (at(0x20, 8), at(0x36, 2), at(0x38, 2));
+    (0..phnum).any(|i| at(phoff + i * phentsize, 4) == 3)
+}
+
 /// The trivial static binary: `busybox true` (busybox-static), else `/bin/true` (dynamic).
 fn floor_cmd() -> (PathBuf, Vec<&'static str>, &'static str) {
     for b in ["/bin/busybox", "/usr/bin/busybox"] {
-        let is_static = std::fs::read(b)
-            .map(|d| !d.windows(14).any(|w| w == b"ld-linux-x86-6"))
-            .unwrap_or(false);
-        if is_static {
+        if Path::new(b).is_file() && !is_dynamic(Path::new(b)) {
             return (PathBuf::from(b), vec!["true"], "`busybox true` (static)");
         }
     }
@@ -457,10 +475,7 @@ fn concurrent_adds(plugin: &Arc<Plugin>) -> Result<Concurrent> {
 /// The shipped plugin: `PODWIRE_PODWIRE_CNI`, else the static build, else the release build.
 fn plugin_binary() -> Result<(PathBuf, String)> {
     let label = |p: &Path| -> String {
-        let dynamic = std::fs::read(p)
-            .map(|d| d.windows(14).any(|w| w == b"ld-linux-x86-6"))
-            .unwrap_or(true);
-        if dynamic {
+        if is_dynamic(p) {
             "dynamic build".into()
         } else {
             "static build (as shipped)".into()
@@ -525,8 +540,31 @@ impl Drop for Burners {
     }
 }
 
+/// CPU time (user + system) of the children reaped so far.
+fn children_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(Duration::ZERO, |u| {
+        let t = |tv: nix::sys::time::TimeVal| {
+            Duration::new(
+                u64::try_from(tv.tv_sec()).unwrap_or(0),
+                u32::try_from(tv.tv_usec()).unwrap_or(0) * 1000,
+            )
+        };
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
+/// Run `f` (which spawns and reaps one process) and also return that process's CPU time.
+fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let before = children_cpu();
+    let out = f()?;
+    Ok((out, children_cpu().saturating_sub(before)))
+}
+
 /// One round of measurements (idle or under load).
 struct Round {
+    mesh_cpu: Stats,
+    base_cpu: Stats,
     mesh: Stats,
     base: Stats,
     plain: Stats,
@@ -549,15 +587,28 @@ fn measure(plugin: &Arc<Plugin>, rules: &str, iters: usize, plain_ns: &Netns) ->
     // ADD and the floor after each pair.
     let (mut mesh, mut base, mut plain, mut floor) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut mesh_cpu, mut base_cpu) = (Vec::new(), Vec::new());
     for i in 0..iters {
         let (a, b) = (Netns::new("b")?, Netns::new("b")?);
         let pod = format!("bench-{i}");
+        let mut run_mesh = || -> Result<()> {
+            let (t, cpu) = with_cpu(|| plugin.timed_add(&a, &pod))?;
+            mesh.push(t);
+            mesh_cpu.push(cpu);
+            Ok(())
+        };
+        let mut run_base = || -> Result<()> {
+            let (t, cpu) = with_cpu(|| timed_baseline(&b, rules))?;
+            base.push(t);
+            base_cpu.push(cpu);
+            Ok(())
+        };
         if i % 2 == 0 {
-            mesh.push(plugin.timed_add(&a, &pod)?);
-            base.push(timed_baseline(&b, rules)?);
+            run_mesh()?;
+            run_base()?;
         } else {
-            base.push(timed_baseline(&b, rules)?);
-            mesh.push(plugin.timed_add(&a, &pod)?);
+            run_base()?;
+            run_mesh()?;
         }
         verify_redirected(&a, "plugin ADD")?;
         verify_redirected(&b, "baseline")?;
@@ -573,6 +624,8 @@ fn measure(plugin: &Arc<Plugin>, rules: &str, iters: usize, plain_ns: &Netns) ->
     let load = loadavg();
     let conc = concurrent_adds(plugin)?;
     Ok(Round {
+        mesh_cpu: stats(&mesh_cpu),
+        base_cpu: stats(&base_cpu),
         mesh: stats(&mesh),
         base: stats(&base),
         plain: stats(&plain),
@@ -616,6 +669,12 @@ fn report(title: &str, r: &Round, floor_label: &str) -> bool {
         r.mesh.p10 / r.base.p10,
         met(ratio <= 0.5),
         if ratio <= 0.35 { ", stretch met" } else { "" }
+    );
+    println!(
+        "| (CPU time of the process, user + system, agent excluded) | mesh ADD {:.2} ms vs baseline {:.2} ms: ratio {:.2} | |",
+        r.mesh_cpu.median,
+        r.base_cpu.median,
+        r.mesh_cpu.median / r.base_cpu.median
     );
     println!(
         "| non-mesh ADD median ≤ 1.3 × trivial static binary | ratio {plain_ratio:.2} ({:.2} / {:.2} ms) | {} |",
@@ -722,7 +781,7 @@ fn run() -> Result<bool> {
                 "the plugin and the baseline do not program the same rules:\n--- plugin\n{pa}\n--- baseline\n{pb}"
             );
             // The plugin's record names the backend it picked.
-            let record = state_dir.join("pods").join(format!("{}_eth0.json", a.name));
+            let record = state_dir.join("pods").join(format!("{}.eth0.json", a.name));
             backend = std::fs::read(&record)
                 .ok()
                 .and_then(|d| serde_json::from_slice::<Value>(&d).ok())
