@@ -842,7 +842,7 @@ fn run() -> Result<bool> {
         plugin_bin.display(),
         kernel.trim(),
     );
-    let ok_idle = report("idle", &idle, floor_label);
+    let ok_idle = report("no extra load", &idle, floor_label);
     let ok_busy = report("two CPU-burning loops running", &busy, floor_label);
     println!();
     println!(
