@@ -12,9 +12,10 @@
 //! 5. 1 to 3 again with two CPU-burning loops running.
 //! 6. A markdown report; the targets are reported ("met" / "NOT met"), not asserted.
 //!
-//! The plugin measured is the shipped one by default: the static build at
-//! `target/x86_64-unknown-linux-gnu/release/podwire-cni` (see README), else the release build
-//! with a warning; `PODWIRE_PODWIRE_CNI` names another. `BENCH_ITERS` overrides the number of
+//! The plugin measured is the shipped one by default: the musl build at
+//! `target/x86_64-unknown-linux-musl/release/podwire-cni` (as the image), else the glibc static
+//! build at `target/x86_64-unknown-linux-gnu/release/podwire-cni` (see README), else the release
+//! build with a warning; `PODWIRE_PODWIRE_CNI` names another. `BENCH_ITERS` overrides the number of
 //! timed iterations (default 60). Every namespace, the agent and the scratch directory are
 //! removed on the way out, error or not (Drop guards).
 
@@ -486,13 +487,20 @@ fn plugin_binary() -> Result<(PathBuf, String)> {
         let l = label(&bin);
         return Ok((bin, l));
     }
+    // The image's musl build first, then the glibc static build that stands in for it.
+    for triple in ["x86_64-unknown-linux-musl", "x86_64-unknown-linux-gnu"] {
+        let static_bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target")
+            .join(triple)
+            .join("release/podwire-cni");
+        if static_bin.is_file() && !is_dynamic(&static_bin) {
+            warn_if_stale(&static_bin, "cni-plugin");
+            let l = format!("{} {triple}", label(&static_bin));
+            return Ok((static_bin, l));
+        }
+    }
     let static_bin = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/x86_64-unknown-linux-gnu/release/podwire-cni");
-    if static_bin.is_file() {
-        warn_if_stale(&static_bin, "cni-plugin");
-        let l = label(&static_bin);
-        return Ok((static_bin, l));
-    }
     eprintln!(
         "warning: no static build at {}: measuring the release build instead; build the shipped one with\n  RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p podwire-cni --target x86_64-unknown-linux-gnu",
         static_bin.display()
