@@ -1167,6 +1167,68 @@ mod tests {
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     }
 
+    /// The primary CNI (portmap) got there first: its chains and rules in PREROUTING, OUTPUT and
+    /// POSTROUTING exist before ADD. The batch appends behind them and leaves them as they are,
+    /// exactly as iptables-restore --noflush does, both families.
+    #[test]
+    fn existing_base_chains_and_rules_are_kept_as_iptables_restore_keeps_them() {
+        if !require_root() {
+            return;
+        }
+        let lock =
+            std::env::temp_dir().join(format!("podwire-nft-pre-{}.lock", std::process::id()));
+        let portmap = |net: &str| {
+            format!(
+                "*nat\n:CNI-HOSTPORT-DNAT - [0:0]\n\
+                 -A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n\
+                 -A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n\
+                 -A POSTROUTING -s {net} -j MASQUERADE\nCOMMIT\n"
+            )
+        };
+        for (file, family, net) in [
+            ("default.v4.rules", Family::V4, "198.18.0.0/24"),
+            ("exclude-interfaces.v6.rules", Family::V6, "2001:2::/64"),
+        ] {
+            let text = std::fs::read_to_string(golden_dir().join(file)).expect("golden");
+            let set = parse_rules(&text, family);
+            let tools = Tools::find(Concrete::Nft, family, &lock).expect("iptables-nft-restore");
+            let (ours, theirs) = (
+                Netns::new("pm").expect("netns"),
+                Netns::new("pm").expect("netns"),
+            );
+            for ns in [&ours, &theirs] {
+                ns.run(|| tools.restore(&portmap(net)))
+                    .expect("thread")
+                    .expect("portmap-like rules");
+            }
+            ours.run(|| program(&set))
+                .expect("thread")
+                .unwrap_or_else(|e| panic!("{file}: batch over existing chains: {e}"));
+            theirs
+                .run(|| tools.restore(&set.to_restore_input()))
+                .expect("thread")
+                .expect("iptables-nft-restore");
+            let (a, b) = (
+                normalized_nat(&ours, family),
+                normalized_nat(&theirs, family),
+            );
+            assert!(
+                a.contains("-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT"),
+                "{a}"
+            );
+            assert_eq!(
+                a, b,
+                "{file}: netlink vs iptables-restore over existing rules"
+            );
+            assert_eq!(
+                nft_table(&ours, family),
+                nft_table(&theirs, family),
+                "{file}: nft view"
+            );
+        }
+        let _ = std::fs::remove_file(&lock);
+    }
+
     /// Operators' `iptables -C` finds the rules the batch wrote.
     #[test]
     fn iptables_check_finds_netlink_written_rules() {
