@@ -1,9 +1,13 @@
-//! Running `iptables-restore`/`iptables-save` (and the ip6tables twins) inside a pod netns.
+//! Programming the rules inside a pod netns: in-process over nf_tables netlink on nft nodes
+//! ([`crate::nftables`], one acked batch per family), `iptables-restore`/`iptables-save` (and the
+//! ip6tables twins) for everything else: legacy nodes, a batch the kernel refuses, ADD again,
+//! repair, DEL and CHECK (they read the table through iptables-save, whichever path wrote it).
 //!
-//! One atomic `iptables-restore --noflush` per family on the fast path. The xtables lock is
-//! pod-scoped (`XTABLES_LOCKFILE`), so 110 pods starting at once never wait on each other.
+//! One atomic transaction per family either way. The xtables lock is pod-scoped
+//! (`XTABLES_LOCKFILE`), so 110 pods starting at once never wait on each other.
 
 use crate::config::Backend;
+use crate::nftables::NftFailure;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
@@ -15,7 +19,9 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
+use tracing::{debug, warn};
 
 /// How long one iptables-restore/-save may take before it is killed: it waits at most 5 s for
 /// the (pod-scoped) xtables lock, so anything longer is a hung tool, and the runtime must get
@@ -58,8 +64,8 @@ fn find_tool(name: &str) -> Option<PathBuf> {
 
 /// Pick the backend the node already uses: a configured override wins; otherwise legacy when
 /// the host netns has legacy tables loaded (kube-proxy/Docker in legacy mode), else whatever
-/// the node's `iptables` command is, else nft. Cheap: one file read and one readlink chain,
-/// no process spawned.
+/// the node's `iptables` command is (in /usr/sbin, /sbin, /usr/bin, /bin, else on PATH), else
+/// nft. Cheap: one file read and one readlink chain, no process spawned.
 pub fn detect(configured: Backend) -> Concrete {
     match configured {
         Backend::Legacy => return Concrete::Legacy,
@@ -71,7 +77,14 @@ pub fn detect(configured: Backend) -> Concrete {
     if !legacy_tables.trim().is_empty() {
         return Concrete::Legacy;
     }
-    match find_tool("iptables").and_then(|p| std::fs::canonicalize(p).ok()) {
+    // The distribution's own location first (one stat on a typical node); PATH only when the
+    // command lives elsewhere.
+    let iptables = SEARCH
+        .iter()
+        .map(|d| Path::new(d).join("iptables"))
+        .find(|p| p.is_file())
+        .or_else(|| find_tool("iptables"));
+    match iptables.and_then(|p| std::fs::canonicalize(p).ok()) {
         Some(real) if real.to_string_lossy().contains("legacy") => Concrete::Legacy,
         Some(_) => Concrete::Nft,
         None if find_tool("iptables-nft-restore").is_some() => Concrete::Nft,
@@ -129,6 +142,35 @@ impl Tools {
         cmd.args(["-t", "nat"]);
         run(&mut cmd, b"", TOOL_TIMEOUT)
             .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The tools of one backend and family, looked up on first use: the in-process path never
+/// needs them, so a mesh ADD on an nft node does no PATH search.
+#[derive(Debug)]
+pub struct LazyTools {
+    backend: Concrete,
+    family: Family,
+    lockfile: PathBuf,
+    found: OnceLock<Tools>,
+}
+
+impl LazyTools {
+    pub fn new(backend: Concrete, family: Family, lockfile: &Path) -> LazyTools {
+        LazyTools {
+            backend,
+            family,
+            lockfile: lockfile.to_path_buf(),
+            found: OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self) -> Result<&Tools, String> {
+        if let Some(t) = self.found.get() {
+            return Ok(t);
+        }
+        let t = Tools::find(self.backend, self.family, &self.lockfile)?;
+        Ok(self.found.get_or_init(|| t))
     }
 }
 
@@ -199,21 +241,59 @@ fn run(cmd: &mut Command, input: &[u8], limit: Duration) -> Result<Output, Strin
     }
 }
 
+/// How new rules were written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// One nf_tables batch over netlink, in-process.
+    Netlink,
+    /// `iptables-restore --noflush`.
+    Restore,
+}
+
 /// What an ADD did for one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    New,
+    New(Via),
     AlreadyPresent,
     Replaced,
 }
 
-/// Program `want`. Fast path: one restore that creates the chains (fails atomically when they
-/// exist). Only then read the table: identical rules (entry rules first in their built-in
-/// chains) make ADD a no-op; anything else, a rule shadowing them included, is replaced in one
-/// transaction. `previous`: the entry rules an earlier ADD recorded.
-pub fn apply(tools: &Tools, want: &RuleSet, previous: &[Rule]) -> Result<Applied, String> {
+/// The in-process programmer: [`crate::nftables::program`], replaceable in tests.
+pub type Programmer = fn(&RuleSet) -> Result<(), NftFailure>;
+
+/// Program `want`. Fast path on nft nodes: one in-process nf_tables batch that creates the
+/// chains (fails atomically when they exist); on legacy nodes, or when the batch fails for any
+/// reason (named in the log), one `iptables-restore` doing the same. Only then read the table:
+/// identical rules (entry rules first in their built-in chains) make ADD a no-op; anything
+/// else, a rule shadowing them included, is replaced in one transaction. `previous`: the entry
+/// rules an earlier ADD recorded.
+pub fn apply(
+    tools: &LazyTools,
+    want: &RuleSet,
+    previous: &[Rule],
+    netlink: Option<Programmer>,
+    pod: &str,
+) -> Result<Applied, String> {
+    let fam = want.family.name();
+    match (tools.backend, netlink) {
+        (Concrete::Nft, Some(program)) => match program(want) {
+            Ok(()) => return Ok(Applied::New(Via::Netlink)),
+            Err(e) if e.exists() => {
+                debug!(pod, "{fam}: the chains exist ({e}); reading the table with iptables-nft-save")
+            }
+            Err(e) => warn!(
+                pod,
+                "{fam}: in-process nf_tables programming did not commit, nothing changed: {e}; falling back to iptables-nft-restore"
+            ),
+        },
+        (Concrete::Legacy, _) => {
+            debug!(pod, "{fam}: legacy iptables backend: iptables-legacy-restore (nf_tables netlink does not apply)")
+        }
+        (Concrete::Nft, None) => {}
+    }
+    let tools = tools.get()?;
     let first = match tools.restore(&want.to_restore_input()) {
-        Ok(()) => return Ok(Applied::New),
+        Ok(()) => return Ok(Applied::New(Via::Restore)),
         Err(e) => e,
     };
     let table = parse_nat(&tools.save_nat()?);
@@ -225,6 +305,35 @@ pub fn apply(tools: &Tools, want: &RuleSet, previous: &[Rule]) -> Result<Applied
     }
     tools.restore(&table.replacement_input(want, previous))?;
     Ok(Applied::Replaced)
+}
+
+/// Program every family in turn (`tools[i]` for `sets[i]`). When one fails, the families
+/// programmed before it are removed again (no partial redirection; iptables-save reads them
+/// whichever path wrote them) and the failed family is named.
+pub fn apply_all(
+    tools: &[LazyTools],
+    sets: &[RuleSet],
+    previous: &[Rule],
+    netlink: Option<Programmer>,
+    pod: &str,
+) -> Result<Vec<Applied>, (Family, String)> {
+    let mut done: Vec<Applied> = Vec::new();
+    for (t, set) in tools.iter().zip(sets) {
+        match apply(t, set, previous, netlink, pod) {
+            Ok(a) => done.push(a),
+            Err(reason) => {
+                for (t, set) in tools.iter().zip(sets).take(done.len()) {
+                    let entries: Vec<Rule> = set.entry_rules().cloned().collect();
+                    let removed = t.get().and_then(|t| remove(t, &set.chains, &entries));
+                    if let Err(e) = removed {
+                        warn!(pod, "rollback of {} rules failed: {e}", set.family.name());
+                    }
+                }
+                return Err((set.family, reason));
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Remove podwire's chains, the rules jumping into them and the recorded `entries`;
@@ -245,6 +354,157 @@ pub fn check(tools: &Tools, want: &RuleSet) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podwire_core::render::render;
+    use podwire_core::{MeshProfile, RedirectSpec};
+    use podwire_lab::{require_root, Netns};
+
+    fn default_set(family: Family) -> RuleSet {
+        let p = MeshProfile::istio();
+        render(&RedirectSpec::defaults(&p), &p, family)
+    }
+
+    fn lock() -> PathBuf {
+        std::env::temp_dir().join(format!("podwire-iptables-test-{}.lock", std::process::id()))
+    }
+
+    fn nat(ns: &Netns, family: Family) -> String {
+        let bin = match family {
+            Family::V4 => "iptables-nft-save",
+            Family::V6 => "ip6tables-nft-save",
+        };
+        let out = ns
+            .output(Command::new(bin).args(["-t", "nat"]))
+            .expect("save");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn refused(_: &RuleSet) -> Result<(), NftFailure> {
+        Err(NftFailure {
+            errno: Some(nix::errno::Errno::EOPNOTSUPP),
+            detail: "test: nf_tables refused the batch".into(),
+        })
+    }
+
+    /// A batch the kernel refuses (here: EOPNOTSUPP, as without nf_tables or nft_compat)
+    /// changes nothing, and iptables-restore programs the rules instead.
+    #[test]
+    fn a_refused_batch_falls_back_to_iptables_restore() {
+        if !require_root() {
+            return;
+        }
+        let lock = lock();
+        for family in [Family::V4, Family::V6] {
+            let set = default_set(family);
+            let (a, b) = (
+                Netns::new("ft").expect("netns"),
+                Netns::new("ft").expect("netns"),
+            );
+            let tools = LazyTools::new(Concrete::Nft, family, &lock);
+            let via = a
+                .run(|| apply(&tools, &set, &[], Some(refused), "test/pod"))
+                .expect("thread")
+                .expect("fallback programs the rules");
+            assert_eq!(via, Applied::New(Via::Restore));
+            let tools = LazyTools::new(Concrete::Nft, family, &lock);
+            let via = b
+                .run(|| {
+                    apply(
+                        &tools,
+                        &set,
+                        &[],
+                        Some(crate::nftables::program),
+                        "test/pod",
+                    )
+                })
+                .expect("thread")
+                .expect("netlink programs the rules");
+            assert_eq!(via, Applied::New(Via::Netlink));
+            assert_eq!(
+                parse_nat(&nat(&a, family)).missing(&set),
+                Vec::<String>::new()
+            );
+            // ADD again over netlink-written rules: the exec path sees them as present.
+            let tools = LazyTools::new(Concrete::Nft, family, &lock);
+            let again = b
+                .run(|| {
+                    apply(
+                        &tools,
+                        &set,
+                        &[],
+                        Some(crate::nftables::program),
+                        "test/pod",
+                    )
+                })
+                .expect("thread")
+                .expect("ADD again");
+            assert_eq!(again, Applied::AlreadyPresent);
+            // Legacy never takes the netlink path.
+            let tools = LazyTools::new(Concrete::Legacy, family, &lock);
+            let c = Netns::new("ft").expect("netns");
+            let via = c
+                .run(|| apply(&tools, &set, &[], Some(refused), "test/pod"))
+                .expect("thread");
+            assert!(
+                matches!(via, Ok(Applied::New(Via::Restore))),
+                "legacy: {via:?}"
+            );
+        }
+        let _ = std::fs::remove_file(&lock);
+    }
+
+    /// IPv6 fails on both paths (the ip6 nat table is owned by another socket: EPERM), so the
+    /// IPv4 rules programmed just before are removed again and IPv6 is named.
+    #[test]
+    fn ipv6_failure_rolls_back_ipv4() {
+        if !require_root() {
+            return;
+        }
+        let lock = lock();
+        let ns = Netns::new("rb").expect("netns");
+        let owner = ns
+            .run(|| crate::nftables::hold_table(Family::V6))
+            .expect("thread")
+            .expect("owned ip6 nat table");
+        let sets = [default_set(Family::V4), default_set(Family::V6)];
+        let tools = [
+            LazyTools::new(Concrete::Nft, Family::V4, &lock),
+            LazyTools::new(Concrete::Nft, Family::V6, &lock),
+        ];
+        let out = ns
+            .run(|| {
+                apply_all(
+                    &tools,
+                    &sets,
+                    &[],
+                    Some(crate::nftables::program),
+                    "test/pod",
+                )
+            })
+            .expect("thread");
+        let (family, reason) = out.expect_err("IPv6 must fail");
+        assert_eq!(family, Family::V6, "{reason}");
+        let v4 = nat(&ns, Family::V4);
+        assert!(
+            v4.contains("*nat") && !v4.contains("ISTIO"),
+            "IPv4 not rolled back:\n{v4}"
+        );
+        drop(owner);
+        // Once the table is free again, the same call succeeds over netlink.
+        let out = ns
+            .run(|| {
+                apply_all(
+                    &tools,
+                    &sets,
+                    &[],
+                    Some(crate::nftables::program),
+                    "test/pod",
+                )
+            })
+            .expect("thread")
+            .expect("both families");
+        assert_eq!(out, vec![Applied::New(Via::Netlink); 2]);
+        let _ = std::fs::remove_file(&lock);
+    }
 
     #[test]
     fn a_hung_tool_is_killed_at_the_deadline() {

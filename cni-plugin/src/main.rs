@@ -12,6 +12,7 @@ mod kube;
 mod logging;
 mod lookup;
 mod netns;
+mod nftables;
 mod plugin;
 mod record;
 

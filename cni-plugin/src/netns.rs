@@ -3,7 +3,8 @@
 //! Processes spawned from inside the closure (iptables-restore) inherit the pod's netns.
 
 use crate::error::{PluginError, Result};
-use nix::sched::{setns, CloneFlags};
+use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, setns, CloneFlags, CpuSet};
+use nix::unistd::Pid;
 use std::fs::File;
 use std::path::Path;
 
@@ -15,8 +16,22 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T>
     };
     let target =
         File::open(path).map_err(|e| err(format!("cannot open: {e}; is the pod sandbox gone?")))?;
+    // The worker starts on this thread's CPU: this thread only waits for it, so it runs at
+    // once instead of queueing behind whatever occupies another CPU (fork balancing would
+    // place it there). Best effort; the affinity is restored right after the spawn.
+    let home_mask = sched_getaffinity(Pid::from_raw(0)).ok();
+    if let Ok(cpu) = sched_getcpu() {
+        let mut here = CpuSet::new();
+        if here.set(cpu).is_ok() {
+            let _ = sched_setaffinity(Pid::from_raw(0), &here);
+        }
+    }
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let worker = s.spawn(|| {
+            // Tools spawned from here (the fallback) must not inherit the pinning.
+            if let Some(mask) = &home_mask {
+                let _ = sched_setaffinity(Pid::from_raw(0), mask);
+            }
             let home = File::open("/proc/thread-self/ns/net")
                 .map_err(|e| err(format!("cannot open the current netns: {e}")))?;
             setns(&target, CloneFlags::CLONE_NEWNET).map_err(|e| {
@@ -29,8 +44,12 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T>
             setns(&home, CloneFlags::CLONE_NEWNET)
                 .map_err(|e| err(format!("cannot switch back: {e}")))?;
             Ok(out)
-        })
-        .join()
-        .map_err(|_| err("the netns worker thread panicked".into()))?
+        });
+        if let Some(mask) = &home_mask {
+            let _ = sched_setaffinity(Pid::from_raw(0), mask);
+        }
+        worker
+            .join()
+            .map_err(|_| err("the netns worker thread panicked".into()))?
     })
 }

@@ -3,7 +3,7 @@
 use crate::config::{FailurePolicy, NetConf};
 use crate::env::{CniEnv, Command, PodRef};
 use crate::error::{PluginError, Result};
-use crate::iptables::{self, Applied, Concrete, Tools};
+use crate::iptables::{self, Concrete, LazyTools, Tools};
 use crate::lookup::{ask_agent, Lookup};
 use crate::netns::in_netns;
 use crate::record::{self, AttachmentLock, Record};
@@ -127,6 +127,17 @@ fn rulesets(pod: &PodInfo, pod_ref: &PodRef, ipv6: bool) -> Result<Vec<RuleSet>>
         .collect())
 }
 
+/// The pod-scoped xtables lock file, its directory created.
+fn lock_path(conf: &NetConf, env: &CniEnv) -> Result<std::path::PathBuf> {
+    let lock = record::lock_path(&conf.state_dir, &env.container_id);
+    if let Some(dir) = lock.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            PluginError::Io(format!("cannot create state dir {}: {e}", dir.display()))
+        })?;
+    }
+    Ok(lock)
+}
+
 fn tools_for(
     conf: &NetConf,
     env: &CniEnv,
@@ -134,12 +145,7 @@ fn tools_for(
     fam: Family,
     pod: &str,
 ) -> Result<Tools> {
-    let lock = record::lock_path(&conf.state_dir, &env.container_id);
-    if let Some(dir) = lock.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            PluginError::Io(format!("cannot create state dir {}: {e}", dir.display()))
-        })?;
-    }
+    let lock = lock_path(conf, env)?;
     Tools::find(backend, fam, &lock).map_err(|reason| PluginError::Redirect {
         pod: pod.to_string(),
         family: fam.name(),
@@ -161,10 +167,11 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
     let netns = env.netns.clone().unwrap_or_default();
     let backend = iptables::detect(conf.iptables);
     let who = pod_ref.display();
-    let tools: Vec<Tools> = sets
+    let xtables_lock = lock_path(conf, env)?;
+    let tools: Vec<LazyTools> = sets
         .iter()
-        .map(|s| tools_for(conf, env, backend, s.family, &who))
-        .collect::<Result<_>>()?;
+        .map(|s| LazyTools::new(backend, s.family, &xtables_lock))
+        .collect();
 
     // One ADD/DEL/CHECK of this attachment at a time, and the record on disk before the rules
     // are: a concurrent DEL can then never leave rules without a record (which the agent's
@@ -200,29 +207,10 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
         ))
     })?;
 
-    let outcome = in_netns(
-        Path::new(&netns),
-        || -> Result<Vec<Applied>, (Family, String)> {
-            let mut done: Vec<(usize, Applied)> = Vec::new();
-            for (i, (t, set)) in tools.iter().zip(&sets).enumerate() {
-                match iptables::apply(t, set, &previous_entries) {
-                    Ok(a) => done.push((i, a)),
-                    Err(reason) => {
-                        // Roll back the families already programmed: no partial redirection.
-                        for (j, _) in &done {
-                            let entries: Vec<Rule> = sets[*j].entry_rules().cloned().collect();
-                            if let Err(e) = iptables::remove(&tools[*j], &sets[*j].chains, &entries)
-                            {
-                                warn!(pod = %who, "rollback of {} rules failed: {e}", sets[*j].family.name());
-                            }
-                        }
-                        return Err((set.family, reason));
-                    }
-                }
-            }
-            Ok(done.into_iter().map(|(_, a)| a).collect())
-        },
-    );
+    let outcome = in_netns(Path::new(&netns), || {
+        let netlink = Some(crate::nftables::program as iptables::Programmer);
+        iptables::apply_all(&tools, &sets, &previous_entries, netlink, &who)
+    });
     let failure = match outcome {
         Ok(Ok(applied)) => {
             drop(lock);
