@@ -20,7 +20,6 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -427,14 +426,14 @@ pub async fn keep_chained(
             ChainState::AlreadyChained(_) => {}
             ChainState::Written { to, .. } => {
                 if let Some(m) = metrics {
-                    m.installs.fetch_add(1, Ordering::Relaxed);
+                    m.installs.inc();
                     if chained_once {
-                        m.reinserts.fetch_add(1, Ordering::Relaxed);
+                        m.reinserts.inc();
                     }
                 }
                 if chained_once && fights.reinserted(Instant::now()) {
                     if let Some(m) = metrics {
-                        m.reverted_storms.fetch_add(1, Ordering::Relaxed);
+                        m.reverted_storms.inc();
                     }
                     warn!(
                         "podwire-cni had to be re-inserted into {} more than {FIGHT_LIMIT} times in a minute: another component (the primary CNI's installer?) keeps rewriting it without podwire's entry",
@@ -458,7 +457,7 @@ pub async fn keep_chained(
         let chained = !matches!(state, ChainState::NoPrimary);
         chained_once |= chained;
         if let Some(m) = metrics {
-            m.installed.store(chained, Ordering::Relaxed);
+            m.installed.set(chained);
         }
         if chained_once && !watch {
             return Ok(false);

@@ -6,7 +6,6 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::Client;
 use podwire_core::node::CONDITION;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::warn;
 
@@ -23,10 +22,7 @@ pub async fn run(client: Client, node: String, args: HeartbeatArgs, state: Arc<S
                 false
             }
         };
-        state
-            .metrics
-            .api_reachable
-            .store(reachable, Ordering::Relaxed);
+        state.metrics.api_reachable.set(reachable);
         let (ready, message) = readiness(&state);
         if reachable && published.as_ref() != Some(&(ready, message.clone())) {
             match node_status::patch_condition(&nodes, &node, ready, &message).await {
@@ -49,7 +45,7 @@ pub fn readiness(state: &State) -> (bool, String) {
     let m = &state.metrics;
     let mut missing: Vec<String> = Vec::new();
     let install_error = lock(&state.install_error).clone();
-    if !m.installed.load(Ordering::Relaxed) {
+    if !m.installed.get() {
         missing.push(match &install_error {
             Some(e) => format!("podwire-cni is not chained into the primary CNI config: {e}"),
             None => {
@@ -57,13 +53,13 @@ pub fn readiness(state: &State) -> (bool, String) {
             }
         });
     }
-    if !m.synced.load(Ordering::Relaxed) {
+    if !m.synced.get() {
         missing.push("the node's pod cache has not synced".into());
     }
-    if !m.api_reachable.load(Ordering::Relaxed) {
+    if !m.api_reachable.get() {
         missing.push("the API server is not reachable".into());
     }
-    let note = if m.reverted_storms.load(Ordering::Relaxed) > 0 {
+    let note = if m.reverted_storms.get() > 0 {
         " (warning: another component keeps removing podwire's entry from the CNI config; see the agent's log)"
     } else {
         ""

@@ -23,7 +23,7 @@ use kube::Client;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -230,7 +230,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
                 {
                     Ok(_) => return,
                     Err(e) => {
-                        state.metrics.installed.store(false, Ordering::Relaxed);
+                        state.metrics.installed.set(false);
                         *lock(&state.install_error) = Some(e.to_string());
                         warn!("installing podwire-cni on node {node}: {e}; retrying in 10s");
                         state

@@ -102,9 +102,7 @@ pub fn start(
                 if let Err(e) = item {
                     warn!("pod watch on node {node}: {e}; retrying");
                 }
-                metrics
-                    .cached_pods
-                    .store(held.state().len() as u64, Ordering::Relaxed);
+                metrics.cached_pods.set(held.state().len() as i64);
             }
         });
     }
@@ -112,10 +110,8 @@ pub fn start(
     tokio::spawn(async move {
         if ready.wait_until_ready().await.is_ok() {
             synced.store(true, Ordering::SeqCst);
-            metrics.synced.store(true, Ordering::Relaxed);
-            metrics
-                .cached_pods
-                .store(ready.state().len() as u64, Ordering::Relaxed);
+            metrics.synced.set(true);
+            metrics.cached_pods.set(ready.state().len() as i64);
             info!(
                 "pod cache synced: {} pods on node {node}",
                 ready.state().len()

@@ -65,7 +65,7 @@ fn status_response<B>(
             }
             "/metrics" => (
                 StatusCode::OK,
-                "text/plain; version=0.0.4",
+                crate::metrics::CONTENT_TYPE,
                 state.metrics.render(),
             ),
             _ => (
