@@ -1,18 +1,24 @@
-//! The injector's Prometheus metrics (text format, rendered with `podwire_core::prom`, as the
-//! agent's are).
+//! The injector's Prometheus metrics, through `prometheus-client` (OpenMetrics text) as the
+//! agent's are: typed label sets, every label value present from the start.
 
 use crate::review::Outcome;
 use podwire_core::inject::Step;
-use podwire_core::prom::{labelled, single, Histogram};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::fmt::Write;
 use std::time::Duration;
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the request latency buckets, in seconds.
 const BUCKETS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
 ];
-/// `result` label values of `podwire_injector_requests_total`.
-pub const RESULTS: [&str; 4] = ["injected", "skipped", "refused", "error"];
 /// `step` label values of `podwire_injector_decisions_total` (the decision's step: bounded).
 const STEPS: [Step; 8] = [
     Step::HostNetwork,
@@ -25,127 +31,192 @@ const STEPS: [Step; 8] = [
     Step::NamespaceSelector,
 ];
 
-/// The `result` label of an answered review. Requests that are not pod creations count as
-/// `skipped` (allowed unchanged); unreadable ones as `error`.
-pub fn result_of(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Injected => "injected",
-        Outcome::Skipped | Outcome::Ignored => "skipped",
-        Outcome::Refused => "refused",
-        Outcome::Malformed => "error",
+/// The `result` label of `podwire_injector_requests_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum RequestResult {
+    Injected,
+    Skipped,
+    Refused,
+    Error,
+}
+
+impl RequestResult {
+    const ALL: [RequestResult; 4] = [
+        RequestResult::Injected,
+        RequestResult::Skipped,
+        RequestResult::Refused,
+        RequestResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestResult::Injected => "injected",
+            RequestResult::Skipped => "skipped",
+            RequestResult::Refused => "refused",
+            RequestResult::Error => "error",
+        }
     }
+}
+
+impl EncodeLabelValue for RequestResult {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
+/// The result of an answered review. Requests that are not pod creations count as `skipped`
+/// (allowed unchanged); unreadable ones as `error`.
+pub fn result_of(outcome: Outcome) -> RequestResult {
+    match outcome {
+        Outcome::Injected => RequestResult::Injected,
+        Outcome::Skipped | Outcome::Ignored => RequestResult::Skipped,
+        Outcome::Refused => RequestResult::Refused,
+        Outcome::Malformed => RequestResult::Error,
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: RequestResult,
+}
+
+/// A decision step as a label value (its `as_str`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StepValue(Step);
+
+impl std::hash::Hash for StepValue {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.as_str().hash(h);
+    }
+}
+
+impl EncodeLabelValue for StepValue {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.0.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: StepValue,
 }
 
 #[derive(Debug)]
 pub struct Metrics {
-    requests: [AtomicU64; 4],
-    decisions: [AtomicU64; 8],
-    dry_runs: AtomicU64,
-    latency: Histogram<10>,
-    cert_expiry: AtomicI64,
-    cert_reloads: AtomicU64,
-    namespaces: AtomicU64,
+    registry: Registry,
+    requests: Family<ResultLabel, Counter>,
+    decisions: Family<StepLabel, Counter>,
+    dry_runs: Counter,
+    latency: Histogram,
+    cert_expiry: Gauge,
+    cert_reloads: Counter,
+    namespaces: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            requests: Default::default(),
-            decisions: Default::default(),
-            dry_runs: Default::default(),
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            decisions: Family::default(),
+            dry_runs: Counter::default(),
             latency: Histogram::new(BUCKETS),
-            cert_expiry: Default::default(),
-            cert_reloads: Default::default(),
-            namespaces: Default::default(),
+            cert_expiry: Gauge::default(),
+            cert_reloads: Counter::default(),
+            namespaces: Gauge::default(),
+        };
+        for result in RequestResult::ALL {
+            drop(m.requests.get_or_create(&ResultLabel { result }));
         }
+        for step in STEPS {
+            drop(m.decisions.get_or_create(&StepLabel {
+                step: StepValue(step),
+            }));
+        }
+        let mut r = Registry::default();
+        r.register(
+            "podwire_injector_requests",
+            "AdmissionReviews answered on /inject, by result (dry runs not included)",
+            m.requests.clone(),
+        );
+        r.register(
+            "podwire_injector_decisions",
+            "Injection decisions, by the step of the decision that settled it",
+            m.decisions.clone(),
+        );
+        r.register(
+            "podwire_injector_dry_run_requests",
+            "Dry-run AdmissionReviews answered (not counted as pods)",
+            m.dry_runs.clone(),
+        );
+        r.register_with_unit(
+            "podwire_injector_request_duration",
+            "Time to answer an /inject request",
+            Unit::Seconds,
+            m.latency.clone(),
+        );
+        r.register_with_unit(
+            "podwire_injector_cert_expiry_timestamp",
+            "notAfter of the serving certificate in use (0 before one is loaded)",
+            Unit::Seconds,
+            m.cert_expiry.clone(),
+        );
+        r.register(
+            "podwire_injector_cert_reloads",
+            "Serving certificates loaded (the first one included)",
+            m.cert_reloads.clone(),
+        );
+        r.register(
+            "podwire_injector_known_namespaces",
+            "Namespaces whose labels the injector knows from its watch",
+            m.namespaces.clone(),
+        );
+        Metrics { registry: r, ..m }
     }
 }
 
 impl Metrics {
-    /// One answered `/inject` request. `result` is one of [`RESULTS`]; dry runs are counted
-    /// apart (no pod is created), but their latency is recorded.
-    pub fn request(&self, result: &str, step: Option<Step>, dry_run: bool, took: Duration) {
+    /// One answered `/inject` request; dry runs are counted apart (no pod is created), but
+    /// their latency is recorded.
+    pub fn request(
+        &self,
+        result: RequestResult,
+        step: Option<Step>,
+        dry_run: bool,
+        took: Duration,
+    ) {
         if dry_run {
-            self.dry_runs.fetch_add(1, Relaxed);
+            self.dry_runs.inc();
         } else {
-            if let Some(i) = RESULTS.iter().position(|r| *r == result) {
-                self.requests[i].fetch_add(1, Relaxed);
-            }
-            if let Some(i) = step.and_then(|s| STEPS.iter().position(|x| *x == s)) {
-                self.decisions[i].fetch_add(1, Relaxed);
+            self.requests.get_or_create(&ResultLabel { result }).inc();
+            if let Some(step) = step {
+                self.decisions
+                    .get_or_create(&StepLabel {
+                        step: StepValue(step),
+                    })
+                    .inc();
             }
         }
-        self.latency.observe(took);
+        self.latency.observe(took.as_secs_f64());
     }
 
     /// A serving certificate was (re)loaded; `not_after` in seconds since the epoch.
     pub fn cert_loaded(&self, not_after: i64) {
-        self.cert_expiry.store(not_after, Relaxed);
-        self.cert_reloads.fetch_add(1, Relaxed);
+        self.cert_expiry.set(not_after);
+        self.cert_reloads.inc();
     }
 
     pub fn set_namespaces(&self, n: usize) {
-        self.namespaces.store(n as u64, Relaxed);
+        self.namespaces.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    pub fn requests_total(&self, result: &str) -> u64 {
-        RESULTS
-            .iter()
-            .position(|r| *r == result)
-            .map(|i| self.requests[i].load(Relaxed))
-            .unwrap_or(0)
-    }
-
+    /// The OpenMetrics text ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Relaxed)).collect::<Vec<_>>();
-        labelled(
-            &mut out,
-            "podwire_injector_requests_total",
-            "AdmissionReviews answered on /inject, by result (dry runs not included)",
-            "result",
-            RESULTS.iter().copied().zip(load(&self.requests)),
-        );
-        labelled(
-            &mut out,
-            "podwire_injector_decisions_total",
-            "Injection decisions, by the step of the decision that settled it",
-            "step",
-            STEPS.iter().map(|s| s.as_str()).zip(load(&self.decisions)),
-        );
-        single(
-            &mut out,
-            "counter",
-            "podwire_injector_dry_run_requests_total",
-            "Dry-run AdmissionReviews answered (not counted as pods)",
-            self.dry_runs.load(Relaxed),
-        );
-        self.latency.render(
-            &mut out,
-            "podwire_injector_request_duration_seconds",
-            "Time to answer a request on /inject, body read included",
-        );
-        single(
-            &mut out,
-            "gauge",
-            "podwire_injector_cert_expiry_timestamp_seconds",
-            "notAfter of the serving certificate in use (0 before one is loaded)",
-            self.cert_expiry.load(Relaxed),
-        );
-        single(
-            &mut out,
-            "counter",
-            "podwire_injector_cert_reloads_total",
-            "Serving certificates loaded (the first one included)",
-            self.cert_reloads.load(Relaxed),
-        );
-        single(
-            &mut out,
-            "gauge",
-            "podwire_injector_known_namespaces",
-            "Namespaces whose labels the injector knows from its watch",
-            self.namespaces.load(Relaxed),
-        );
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+            let _ = writeln!(out, "# metrics could not be encoded\n# EOF");
+        }
         out
     }
 }
@@ -158,13 +229,18 @@ mod tests {
     fn renders_counters_and_a_cumulative_histogram() {
         let m = Metrics::default();
         m.request(
-            "injected",
+            RequestResult::Injected,
             Some(Step::Policy),
             false,
             Duration::from_micros(300),
         );
-        m.request("error", None, false, Duration::from_secs(2));
-        m.request("skipped", Some(Step::HostNetwork), true, Duration::ZERO);
+        m.request(RequestResult::Error, None, false, Duration::from_secs(2));
+        m.request(
+            RequestResult::Skipped,
+            Some(Step::HostNetwork),
+            true,
+            Duration::ZERO,
+        );
         let t = m.render();
         assert!(t.contains("podwire_injector_requests_total{result=\"injected\"} 1\n"));
         assert!(t.contains("podwire_injector_requests_total{result=\"skipped\"} 0\n"));

@@ -6,7 +6,7 @@
 //! `408`, both with an AdmissionReview-shaped body; nothing here answers `500`.
 
 use crate::admission::{AdmissionResponse, AdmissionReview, Status};
-use crate::metrics::{result_of, Metrics};
+use crate::metrics::{result_of, Metrics, RequestResult};
 use crate::namespaces::NamespaceLabels;
 use crate::review::review_resolving;
 use crate::tls::CertStore;
@@ -218,7 +218,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             let mut r = plain(StatusCode::OK, state.metrics.render());
             r.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             r
         }
@@ -233,7 +233,9 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let max = state.limits.max_body_bytes;
     let too_large = |what: String| {
-        state.metrics.request("error", None, false, start.elapsed());
+        state
+            .metrics
+            .request(RequestResult::Error, None, false, start.elapsed());
         tracing::warn!("refused an AdmissionReview: {what}");
         error_review(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -264,7 +266,9 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
             return too_large(format!("the request body is {len} bytes"));
         }
         Ok(Err(e)) => {
-            state.metrics.request("error", None, false, start.elapsed());
+            state
+                .metrics
+                .request(RequestResult::Error, None, false, start.elapsed());
             return error_review(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -272,7 +276,9 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
             );
         }
         Err(_) => {
-            state.metrics.request("error", None, false, start.elapsed());
+            state
+                .metrics
+                .request(RequestResult::Error, None, false, start.elapsed());
             return error_review(
                 StatusCode::REQUEST_TIMEOUT,
                 "Timeout",
@@ -285,7 +291,9 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     };
     let cost = kib(parse_cost(&body));
     if cost > budget.parse_kib {
-        state.metrics.request("error", None, false, start.elapsed());
+        state
+            .metrics
+            .request(RequestResult::Error, None, false, start.elapsed());
         tracing::warn!(
             "refused an AdmissionReview of {} bytes: parsing it would need ~{} MiB",
             body.len(),
@@ -352,7 +360,9 @@ async fn take(
 /// Load shedding: a proper AdmissionReview with 429, so the API server reports a retryable
 /// error instead of the injector being OOM-killed.
 fn overloaded(state: &State, start: Instant, busy: &str) -> Response<Body> {
-    state.metrics.request("error", None, false, start.elapsed());
+    state
+        .metrics
+        .request(RequestResult::Error, None, false, start.elapsed());
     tracing::warn!("shed an AdmissionReview: the memory budget is taken by {busy}");
     error_review(
         StatusCode::TOO_MANY_REQUESTS,
