@@ -85,6 +85,7 @@ fn main() {
             .args(["serve", "--config"])
             .arg(&config)
             .args(["--listen", &inj_addr.to_string(), "--no-namespace-watch"])
+            .arg("--no-istio-config")
             .arg("--tls-cert")
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")

@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod certs;
 pub mod config;
+pub mod istio_settings;
 pub mod metrics;
 pub mod namespaces;
 pub mod review;
