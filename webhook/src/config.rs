@@ -185,13 +185,12 @@ pub fn with_istio_settings(
             *own = base;
         }
     }
-    config
-        .validate(profile)
-        .map_err(|source| Error::ConfigInvalid {
-            path: origin.to_string(),
-            source,
-        })?;
-    Ok(config)
+    let invalid = |source| Error::ConfigInvalid {
+        path: origin.to_string(),
+        source,
+    };
+    config.validate(profile).map_err(invalid)?;
+    config.prepared().map_err(invalid)
 }
 
 /// `over` onto `base`: mappings merge key by key, anything else replaces.
@@ -242,7 +241,8 @@ mod tests {
         .expect("example parses");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert_eq!(c.config.ignored_namespaces, ["istio-system"]);
-        assert_eq!(c.config.proxy.args, ["proxy", "sidecar"]);
+        assert!(c.config.proxy.args.is_empty(), "Istio's args are kept");
+        assert_eq!(c.config.istio().expect("values").tag, "1.28.0");
         assert_eq!(c.config.proxy_ids(&p), (1337, 1337));
     }
 

@@ -1087,7 +1087,7 @@ fn proxy_resources(pod: &Value, cfg: &InjectorConfig, profile: &MeshProfile) -> 
         .find(|c| c.get("name").and_then(Value::as_str) == Some(name))
         .and_then(|c| c.get("resources").cloned())
         .or_else(|| cfg.proxy.resources.as_ref().map(|r| json!(r)))
-        .or_else(|| cfg.istio().ok().and_then(|s| s.resources))
+        .or_else(|| cfg.istio().ok().and_then(|s| s.resources.clone()))
         .unwrap_or_else(|| json!({}))
 }
 

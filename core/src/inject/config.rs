@@ -69,6 +69,10 @@ pub struct InjectorConfig {
     /// Istio's MeshConfig (the `mesh` of the `istio` ConfigMap), merged the same way.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub mesh: Value,
+    /// `values` and `mesh` resolved once by [`InjectorConfig::prepared`], so a request does
+    /// not read them again. Not part of the file.
+    #[serde(skip)]
+    pub resolved: Option<std::sync::Arc<super::istio::Resolved>>,
 }
 
 /// The default injection policy. Kept as written when unrecognized so messages can quote it.
@@ -203,13 +207,26 @@ impl InjectorConfig {
         self.proxy.image.as_deref()
     }
 
-    /// Istio's settings as read from `values` and `mesh`, checked.
-    pub fn istio(&self) -> Result<super::istio::Resolved> {
+    /// Istio's settings as read from `values` and `mesh`, checked (the prepared copy when
+    /// there is one).
+    pub fn istio(&self) -> Result<std::sync::Arc<super::istio::Resolved>> {
+        if let Some(r) = &self.resolved {
+            return Ok(r.clone());
+        }
         super::istio::IstioSettings {
             values: &self.values,
             mesh: &self.mesh,
         }
         .resolve()
+        .map(std::sync::Arc::new)
+    }
+
+    /// The config with Istio's settings resolved once (call after changing `values`/`mesh`).
+    pub fn prepared(mut self) -> Result<Self> {
+        self.resolved = None;
+        let r = self.istio()?;
+        self.resolved = Some(r);
+        Ok(self)
     }
 
     /// (uid, gid); without a gid the group follows the uid, as the plugin assumes.

@@ -22,32 +22,6 @@ pub const STATUS: &str = "sidecar.istio.io/status";
 /// `proxy.istio.io/overrides`: the pod's own proxy container, kept for re-injection.
 pub const OVERRIDES: &str = "proxy.istio.io/overrides";
 
-/// Per-pod annotations of Istio's template that podwire honours.
-pub const HONOURED_ANNOTATIONS: [&str; 22] = [
-    "sidecar.istio.io/proxyImage",
-    "sidecar.istio.io/proxyImageType",
-    "sidecar.istio.io/logLevel",
-    "sidecar.istio.io/componentLogLevel",
-    "sidecar.istio.io/agentLogLevel",
-    "sidecar.istio.io/proxyCPU",
-    "sidecar.istio.io/proxyMemory",
-    "sidecar.istio.io/proxyCPULimit",
-    "sidecar.istio.io/proxyMemoryLimit",
-    "sidecar.istio.io/nativeSidecar",
-    "sidecar.istio.io/interceptionMode",
-    "sidecar.istio.io/rewriteAppHTTPProbers",
-    "sidecar.istio.io/bootstrapOverride",
-    "sidecar.istio.io/userVolume",
-    "sidecar.istio.io/userVolumeMount",
-    "status.sidecar.istio.io/port",
-    "readiness.status.sidecar.istio.io/initialDelaySeconds",
-    "readiness.status.sidecar.istio.io/periodSeconds",
-    "readiness.status.sidecar.istio.io/failureThreshold",
-    "proxy.istio.io/config",
-    "prometheus.istio.io/merge-metrics",
-    "kubectl.kubernetes.io/default-container",
-];
-
 /// Per-pod annotations of Istio's template (or injector) that podwire does not apply; each one
 /// present on a pod is named in an AdmissionResponse warning, with why.
 pub const REFUSED_ANNOTATIONS: [(&str, &str); 6] = [
@@ -267,6 +241,12 @@ impl IstioSettings<'_> {
             }
         };
         let resources = match at(self.values, "global.proxy.resources") {
+            // The chart's default (values.yaml of istio-discovery).
+            None if self.values.pointer("/global/proxy/resources").is_none() => Some(json!({
+                "requests": {"cpu": "100m", "memory": "128Mi"},
+                "limits": {"cpu": "2000m", "memory": "1024Mi"},
+            })),
+            // Set to null on purpose (Istio's proxy-resources-null case): none.
             None => None,
             Some(r @ Value::Object(_)) => {
                 let r = omit_nil(r);
@@ -1262,7 +1242,7 @@ pub fn render(
                 }
             }
             if !cfg.is_empty() {
-                let text = serde_json::to_string(&ordered_scrape(&cfg)).unwrap_or_default();
+                let text = Value::Object(cfg).to_string();
                 push_env(&mut proxy, env("ISTIO_PROMETHEUS_ANNOTATIONS", text));
             }
             annotations.insert("prometheus.io/port".into(), json!(target));
@@ -1474,13 +1454,6 @@ fn status_string(st: &Value) -> String {
     }
     s.push('}');
     s
-}
-
-/// `status.PrometheusScrapeConfiguration` in Go's field order (scrape, path, port).
-fn ordered_scrape(cfg: &Map<String, Value>) -> Value {
-    // serde_json's Map is sorted: path, port, scrape. Go writes scrape, path, port; both are
-    // the same JSON object, which is what the agent reads.
-    Value::Object(cfg.clone())
 }
 
 fn push_env(proxy: &mut Value, e: Value) {
@@ -1736,6 +1709,24 @@ mod tests {
             err.to_string().contains("values.global.proxy.statusPort"),
             "{err}"
         );
+        let none = IstioSettings {
+            values: &Value::Null,
+            mesh: &Value::Null,
+        }
+        .resolve()
+        .expect("defaults");
+        assert_eq!(
+            none.resources.expect("chart default")["limits"]["cpu"],
+            "2000m"
+        );
+        let null = json!({"global": {"proxy": {"resources": null}}});
+        let r = IstioSettings {
+            values: &null,
+            mesh: &Value::Null,
+        }
+        .resolve()
+        .expect("null");
+        assert_eq!(r.resources, None, "resources: null means none, as Istio");
         let values = json!({"global": {"hub": "a b"}});
         assert!(IstioSettings {
             values: &values,

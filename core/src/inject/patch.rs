@@ -229,7 +229,12 @@ pub fn render_pod(
         }
     }
     RedirectSpec::from_pod(&own, profile)?;
-    let settings = cfg.istio()?;
+    let mut settings = cfg.istio()?;
+    // The config file's proxy.resources stand in for the values' global.proxy.resources, as a
+    // whole; the pod's sidecar.istio.io/proxy* annotations still win over either.
+    if let Some(r) = &cfg.proxy.resources {
+        std::sync::Arc::make_mut(&mut settings).resources = Some(json!(r));
+    }
     let (uid, gid) = cfg.proxy_ids(profile);
     let overrides = Overrides {
         name: cfg.proxy_name(profile).to_string(),
@@ -290,9 +295,6 @@ fn config_overlay(cfg: &InjectorConfig) -> Option<Value> {
     }
     if !t.ports.is_empty() {
         m.insert("ports".into(), json!(t.ports));
-    }
-    if let Some(r) = &t.resources {
-        m.insert("resources".into(), json!(r));
     }
     (!m.is_empty()).then_some(Value::Object(m))
 }
