@@ -726,16 +726,15 @@ pub fn render(
             reason: "expected an object".into(),
         });
     }
-    let a: Map<String, Value> = pod
+    // Borrowed from the pod; copied once each, into what the pod's maps become.
+    let a: &Map<String, Value> = pod
         .pointer("/metadata/annotations")
         .and_then(Value::as_object)
-        .unwrap_or(&empty)
-        .clone();
-    let labels: Map<String, Value> = pod
+        .unwrap_or(&empty);
+    let labels: &Map<String, Value> = pod
         .pointer("/metadata/labels")
         .and_then(Value::as_object)
-        .unwrap_or(&empty)
-        .clone();
+        .unwrap_or(&empty);
     let label = |k: &str| {
         labels
             .get(k)
@@ -752,25 +751,25 @@ pub fn render(
         "sidecar.istio.io/proxyImageType",
         "sidecar.istio.io/interceptionMode",
     ] {
-        check_word(&a, key, "")?;
+        check_word(a, key, "")?;
     }
-    check_word(&a, "sidecar.istio.io/proxyImage", "/@+")?;
-    check_word(&a, "sidecar.istio.io/bootstrapOverride", "")?;
-    let status_port_ann = check_int(&a, "status.sidecar.istio.io/port", 65535)?;
+    check_word(a, "sidecar.istio.io/proxyImage", "/@+")?;
+    check_word(a, "sidecar.istio.io/bootstrapOverride", "")?;
+    let status_port_ann = check_int(a, "status.sidecar.istio.io/port", 65535)?;
     let ready_delay = check_int(
-        &a,
+        a,
         "readiness.status.sidecar.istio.io/initialDelaySeconds",
         86400,
     )?;
-    let ready_period = check_int(&a, "readiness.status.sidecar.istio.io/periodSeconds", 86400)?;
+    let ready_period = check_int(a, "readiness.status.sidecar.istio.io/periodSeconds", 86400)?;
     let ready_failure = check_int(
-        &a,
+        a,
         "readiness.status.sidecar.istio.io/failureThreshold",
         100000,
     )?;
-    let native_ann = check_bool(&a, "sidecar.istio.io/nativeSidecar")?;
-    let rewrite_ann = check_bool(&a, "sidecar.istio.io/rewriteAppHTTPProbers")?;
-    let merge_ann = check_bool(&a, "prometheus.istio.io/merge-metrics")?;
+    let native_ann = check_bool(a, "sidecar.istio.io/nativeSidecar")?;
+    let rewrite_ann = check_bool(a, "sidecar.istio.io/rewriteAppHTTPProbers")?;
+    let merge_ann = check_bool(a, "prometheus.istio.io/merge-metrics")?;
     for (k, why) in REFUSED_ANNOTATIONS {
         if a.contains_key(k) {
             warnings.push(format!("annotation {k} is ignored: {why}"));
@@ -779,7 +778,7 @@ pub fn render(
 
     // ProxyConfig: mesh defaults, then the pod's proxy.istio.io/config.
     let mut pc = s.default_config.clone();
-    if let Some(text) = ann(&a, "proxy.istio.io/config") {
+    if let Some(text) = ann(a, "proxy.istio.io/config") {
         let parsed: Value = serde_yaml_ng::from_str(text)
             .map_err(|e| invalid("proxy.istio.io/config", text, format!("not YAML: {e}")))?;
         if !(parsed.is_object() || parsed.is_null()) {
@@ -792,7 +791,7 @@ pub fn render(
         merge_proxy_config(&mut pc, &parsed);
     }
     let pc_str = |k: &str| pc.get(k).and_then(Value::as_str).unwrap_or("");
-    let interception = ann(&a, "sidecar.istio.io/interceptionMode")
+    let interception = ann(a, "sidecar.istio.io/interceptionMode")
         .map(str::to_string)
         .unwrap_or_else(|| match pc_str("interceptionMode") {
             "" => "REDIRECT".to_string(),
@@ -855,7 +854,7 @@ pub fn render(
     let app_names: Vec<String> = app.iter().map(|c| name_of(c).to_string()).collect();
 
     // Image.
-    let image_type = ann(&a, "sidecar.istio.io/proxyImageType")
+    let image_type = ann(a, "sidecar.istio.io/proxyImageType")
         .map(str::to_string)
         .or_else(|| {
             pc.pointer("/image/imageType")
@@ -864,7 +863,7 @@ pub fn render(
         })
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| s.variant.clone());
-    let proxy_image_setting = ann(&a, "sidecar.istio.io/proxyImage").unwrap_or(&s.proxy_image);
+    let proxy_image_setting = ann(a, "sidecar.istio.io/proxyImage").unwrap_or(&s.proxy_image);
     let image = if let Some(i) = &o.image {
         i.clone()
     } else if proxy_image_setting.contains('/') {
@@ -886,7 +885,7 @@ pub fn render(
     };
 
     // Args.
-    let level = |k: &str, d: &str| ann(&a, k).unwrap_or(d).to_string();
+    let level = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
     let mut args = vec![
         json!("proxy"),
         json!("sidecar"),
@@ -983,7 +982,7 @@ pub fn render(
             ),
         ));
     }
-    let bootstrap = ann(&a, "sidecar.istio.io/bootstrapOverride");
+    let bootstrap = ann(a, "sidecar.istio.io/bootstrapOverride");
     if bootstrap.is_some() {
         envs.push(env(
             "ISTIO_BOOTSTRAP_OVERRIDE",
@@ -1087,7 +1086,7 @@ pub fn render(
         None => {}
     }
     c.insert("securityContext".into(), sc);
-    c.insert("resources".into(), proxy_resources(&a, s)?);
+    c.insert("resources".into(), proxy_resources(a, s)?);
     let mut mounts = vec![
         json!({"name": "workload-socket", "mountPath": "/var/run/secrets/workload-spiffe-uds"}),
         json!({"name": "credential-socket", "mountPath": "/var/run/secrets/credential-uds"}),
@@ -1113,7 +1112,7 @@ pub fn render(
         mounts.push(json!({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": true}));
     }
     mounts.push(json!({"name": "istio-podinfo", "mountPath": "/etc/istio/pod"}));
-    for (name, m) in user_map(&a, "sidecar.istio.io/userVolumeMount")? {
+    for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")? {
         let mut m = m;
         m["name"] = json!(name);
         mounts.push(m);
@@ -1172,7 +1171,7 @@ pub fn render(
             .unwrap_or("default");
         volumes.push(json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}));
     }
-    for (name, v) in user_map(&a, "sidecar.istio.io/userVolume")? {
+    for (name, v) in user_map(a, "sidecar.istio.io/userVolume")? {
         let mut v = v;
         v["name"] = json!(name);
         volumes.push(v);
@@ -1205,7 +1204,7 @@ pub fn render(
 
     // Post-processing as Istio's webhook: Prometheus merge, probe rewrite.
     let mut annotations = a.clone();
-    let scrape = ann(&a, "prometheus.io/scrape")
+    let scrape = ann(a, "prometheus.io/scrape")
         .and_then(|v| match v {
             "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
             "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
@@ -1218,18 +1217,18 @@ pub fn render(
         .unwrap_or(15020);
     if scrape && merge_ann.unwrap_or(s.prometheus_merge) {
         let target = mesh_status_port.to_string();
-        if ann(&a, "prometheus.io/port") != Some(target.as_str()) {
+        if ann(a, "prometheus.io/port") != Some(target.as_str()) {
             let mut cfg = Map::new();
             for (k, field) in [
                 ("prometheus.io/scrape", "scrape"),
                 ("prometheus.io/path", "path"),
                 ("prometheus.io/port", "port"),
             ] {
-                if let Some(v) = ann(&a, k) {
+                if let Some(v) = ann(a, k) {
                     cfg.insert(field.into(), json!(v));
                 }
             }
-            if let Some(p) = ann(&a, "prometheus.io/port") {
+            if let Some(p) = ann(a, "prometheus.io/port") {
                 match p.parse::<u16>() {
                     Ok(n) if n != 0 && n.to_string() != target => {}
                     _ => {
@@ -1323,7 +1322,7 @@ pub fn render(
         }
     }
     // What the CNI plugin reads (Istio's istio-cni annotations; podwire-cni is the CNI).
-    let a_or = |k: &str, d: &str| ann(&a, k).unwrap_or(d).to_string();
+    let a_or = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
     annotations.insert(
         "sidecar.istio.io/interceptionMode".into(),
         json!(interception),

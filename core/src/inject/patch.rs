@@ -276,8 +276,8 @@ pub fn injection(
     profile: &MeshProfile,
 ) -> Result<(Vec<PatchOp>, Vec<String>)> {
     let rendered = render_pod(pod, workload, cfg, profile)?;
-    let ops = diff_ops(pod, &rendered);
-    Ok((ops, rendered.warnings))
+    let warnings = rendered.warnings.clone();
+    Ok((diff_ops(pod, rendered), warnings))
 }
 
 /// The config file's `proxy` section as a partial container merged over the template.
@@ -301,26 +301,30 @@ fn config_overlay(cfg: &InjectorConfig) -> Option<Value> {
 
 /// `add` operations turning `old` into the rendered pod: labels and annotations key by key
 /// (whole when the pod has none), the rewritten spec lists whole.
-fn diff_ops(old: &Value, r: &Rendered) -> Vec<PatchOp> {
+fn diff_ops(old: &Value, r: Rendered) -> Vec<PatchOp> {
+    // The rendered values move into the operations: nothing is copied twice.
+    let Rendered {
+        labels,
+        annotations,
+        spec: spec_fields,
+        ..
+    } = r;
     let mut ops = Vec::new();
     match old.get("metadata").and_then(Value::as_object) {
         None => ops.push(PatchOp::add(
             "/metadata".into(),
-            json!({"labels": r.labels, "annotations": r.annotations}),
+            json!({"labels": labels, "annotations": annotations}),
         )),
         Some(meta) => {
-            for (k, new) in [("labels", &r.labels), ("annotations", &r.annotations)] {
+            for (k, new) in [("labels", labels), ("annotations", annotations)] {
                 match meta.get(k).and_then(Value::as_object) {
-                    None => ops.push(PatchOp::add(
-                        format!("/metadata/{k}"),
-                        Value::Object(new.clone()),
-                    )),
+                    None => ops.push(PatchOp::add(format!("/metadata/{k}"), Value::Object(new))),
                     Some(m) => {
                         for (ik, iv) in new {
-                            if m.get(ik) != Some(iv) {
+                            if m.get(&ik) != Some(&iv) {
                                 ops.push(PatchOp::add(
-                                    format!("/metadata/{k}/{}", escape_token(ik)),
-                                    iv.clone(),
+                                    format!("/metadata/{k}/{}", escape_token(&ik)),
+                                    iv,
                                 ));
                             }
                         }
@@ -333,16 +337,16 @@ fn diff_ops(old: &Value, r: &Rendered) -> Vec<PatchOp> {
         None => ops.push(PatchOp::add(
             "/spec".into(),
             Value::Object(
-                r.spec
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.clone()))
+                spec_fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
                     .collect(),
             ),
         )),
         Some(spec) => {
-            for (k, v) in &r.spec {
-                if spec.get(*k) != Some(v) {
-                    ops.push(PatchOp::add(format!("/spec/{k}"), v.clone()));
+            for (k, v) in spec_fields {
+                if spec.get(k) != Some(&v) {
+                    ops.push(PatchOp::add(format!("/spec/{k}"), v));
                 }
             }
         }
