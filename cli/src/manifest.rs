@@ -3,9 +3,11 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use podwire_core::inject::patch::unescape_token;
-use podwire_core::inject::{plan, InjectorConfig, Labels, PatchOp, Plan};
+use podwire_core::inject::{plan_in, InjectorConfig, Labels, PatchOp, Plan, Workload};
 use podwire_core::MeshProfile;
-use podwire_injector::{load_config, parse_namespace_labels};
+use podwire_injector::{
+    load_config, load_istio_setting, parse_namespace_labels, with_istio_settings, IstioSetting,
+};
 use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 use std::io::Read;
@@ -26,6 +28,18 @@ pub struct ManifestArgs {
     /// Injector config file (as for podwire-injector); default: Istio's defaults.
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
+    /// Istio's values (JSON/YAML, or the istio-sidecar-injector ConfigMap), as
+    /// `istioctl kube-inject --valuesFile`; the config file's own `values` win over it.
+    #[arg(long = "valuesFile", alias = "values-file", value_name = "FILE")]
+    pub values_file: Option<std::path::PathBuf>,
+    /// Istio's MeshConfig (YAML, or the istio ConfigMap), as
+    /// `istioctl kube-inject --meshConfigFile`; the config file's own `mesh` wins over it.
+    #[arg(
+        long = "meshConfigFile",
+        alias = "mesh-config-file",
+        value_name = "FILE"
+    )]
+    pub mesh_config_file: Option<std::path::PathBuf>,
 }
 
 /// A manifest read with the settings to judge it by.
@@ -44,6 +58,18 @@ impl ManifestArgs {
             self.namespace_labels.as_deref(),
             profile,
         )?;
+        let read = |path: &Option<std::path::PathBuf>, what| {
+            path.as_deref()
+                .map(|p| load_istio_setting(p, what))
+                .transpose()
+        };
+        let values = read(&self.values_file, IstioSetting::Values)?;
+        let mesh = read(&self.mesh_config_file, IstioSetting::Mesh)?;
+        let origin = self.config.as_deref().map_or_else(
+            || "the Istio settings".to_string(),
+            |p| p.display().to_string(),
+        );
+        let cfg = with_istio_settings(cfg, values, mesh, &origin, profile)?;
         let docs = documents(&read_input(&self.file)?, &self.file)?;
         Ok(Loaded { cfg, labels, docs })
     }
@@ -181,8 +207,27 @@ pub fn targets(
             pointer.trim_start_matches('/').replace('/', ".")
         )
     })?;
-    let plan = plan(pod, Some(&namespace), labels, cfg, profile)
-        .map_err(|e| anyhow!("{kind} {namespace}/{name}: {e}"))?;
+    // A workload's pods are named after it, as Istio's kube-inject does; a Pod names itself
+    // (or its controller, from its owner references).
+    let workload = (kind != "Pod").then(|| Workload {
+        api_version: doc
+            .get("apiVersion")
+            .and_then(Yaml::as_str)
+            .unwrap_or("")
+            .to_string(),
+        kind: kind.to_string(),
+        name: meta("name"),
+        namespace: meta("namespace"),
+    });
+    let plan = plan_in(
+        pod,
+        workload.as_ref(),
+        Some(&namespace),
+        labels,
+        cfg,
+        profile,
+    )
+    .map_err(|e| anyhow!("{kind} {namespace}/{name}: {e}"))?;
     Ok(vec![Target {
         kind: kind.to_string(),
         namespace,

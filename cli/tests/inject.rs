@@ -25,8 +25,19 @@ fn without(mut v: Value, pointer: &str) -> Value {
     v
 }
 
+/// Names in `containers` then `initContainers` (where the native-sidecar proxy is).
 fn containers(v: &Value, template: &str) -> Vec<String> {
-    v.pointer(&format!("{template}/spec/containers"))
+    let mut names = names(v, template, "containers");
+    names.extend(names_init(v, template));
+    names
+}
+
+fn names_init(v: &Value, template: &str) -> Vec<String> {
+    names(v, template, "initContainers")
+}
+
+fn names(v: &Value, template: &str, list: &str) -> Vec<String> {
+    v.pointer(&format!("{template}/spec/{list}"))
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -58,11 +69,10 @@ fn only_pod_templates_change_in_a_multi_document_file() {
     assert!(ann["sidecar.istio.io/status"].is_string(), "{ann}");
     assert_eq!(
         ann["traffic.sidecar.istio.io/excludeOutboundPorts"],
-        json!("5432,15020")
+        json!("5432")
     );
-    assert!(after[1]["spec"]["template"]["spec"]
-        .get("initContainers")
-        .is_none());
+    // Native sidecar (the default layout): the proxy is the only init container.
+    assert_eq!(names_init(&after[1], "/spec/template"), ["istio-proxy"]);
     // CronJob: the template under jobTemplate.
     let t = "/spec/jobTemplate/spec/template";
     assert_eq!(without(after[2].clone(), t), without(before[2].clone(), t));
@@ -175,7 +185,7 @@ fn config_and_namespace_labels_are_honoured() {
     assert!(r.ok, "{}", r.stderr);
     let out = docs(&r.stdout).remove(0);
     assert_eq!(
-        out["spec"]["containers"][1]["image"],
+        out["spec"]["initContainers"][0]["image"],
         json!("registry.example.com/mesh/proxy:2.0")
     );
     assert_eq!(

@@ -334,11 +334,12 @@ fn system_and_ignored_namespaces_are_never_injected() {
 
 #[test]
 fn an_injected_pod_gets_no_second_proxy() {
+    // Only the status annotation says "injected" (as Istio).
     for pod in [
-        PodB::new().container("istio-proxy"),
         PodB::new().annotation("sidecar.istio.io/status", "{}"),
         PodB::new()
             .container("istio-proxy")
+            .annotation("sidecar.istio.io/status", "{}")
             .inject(On::Label, "true"),
     ] {
         let d = run(&pod, None, &cfg(Policy::Enabled));
@@ -354,14 +355,21 @@ fn an_injected_pod_gets_no_second_proxy() {
         );
         assert!(d.warnings.is_empty());
     }
-    // A renamed proxy counts too.
+}
+
+#[test]
+fn a_pod_declaring_its_own_proxy_is_customising_it_not_injected() {
+    // Istio's "customizing injection": the pod's istio-proxy is merged over the template.
+    let d = run(
+        &PodB::new().container("istio-proxy"),
+        None,
+        &cfg(Policy::Enabled),
+    );
+    assert_eq!((d.inject, d.step), (true, Step::Policy), "{}", d.reason);
     let mut c = cfg(Policy::Enabled);
     c.proxy.name = Some("envoy".into());
     let d = run(&PodB::new().container("envoy"), None, &c);
-    assert_eq!(
-        d.reason,
-        "skipped: already injected (container envoy present)"
-    );
+    assert!(d.inject, "{}", d.reason);
 }
 
 #[test]

@@ -84,12 +84,41 @@ fn every_injected_pod_is_a_restricted_mesh_pod_and_injection_is_idempotent() {
         let ops = patch_for(&pod, &cfg);
         apply_patch(&mut pod, &ops).unwrap_or_else(|e| panic!("{name}: {e}"));
 
-        // Only the proxy container was added; no init container, no volume.
-        let containers = pod["spec"]["containers"].as_array().expect("containers");
-        let proxy = containers.last().expect("proxy");
+        // Istio's sidecar, native layout by default: the first init container, and no other
+        // init container (podwire-cni replaces istio-init / istio-validation).
+        let inits = pod["spec"]["initContainers"].as_array().expect("inits");
+        assert_eq!(inits.len(), 1, "{name}");
+        let proxy = &inits[0];
         assert_eq!(proxy["name"], json!("istio-proxy"), "{name}");
-        assert!(pod["spec"].get("initContainers").is_none(), "{name}");
-        assert!(pod["spec"].get("volumes").is_none(), "{name}");
+        assert_eq!(proxy["restartPolicy"], json!("Always"), "{name}");
+        assert!(
+            proxy["args"].as_array().is_some_and(|a| a[0] == "proxy"),
+            "{name}"
+        );
+        let volumes: Vec<&str> = pod["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        for v in [
+            "workload-socket",
+            "credential-socket",
+            "workload-certs",
+            "istio-envoy",
+            "istio-data",
+            "istio-podinfo",
+            "istio-token",
+            "istiod-ca-cert",
+            "istio-ca-crl",
+        ] {
+            assert!(volumes.contains(&v), "{name}: {v} missing from {volumes:?}");
+        }
+        assert_eq!(
+            pod["metadata"]["labels"]["security.istio.io/tlsMode"],
+            json!("istio"),
+            "{name}"
+        );
 
         // Pod Security "restricted", field by field.
         let sc = &proxy["securityContext"];
@@ -97,11 +126,11 @@ fn every_injected_pod_is_a_restricted_mesh_pod_and_injection_is_idempotent() {
         assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}), "{name}");
         assert_eq!(sc["runAsNonRoot"], json!(true), "{name}");
         assert_eq!(sc["readOnlyRootFilesystem"], json!(true), "{name}");
-        assert_eq!(
-            sc["seccompProfile"],
-            json!({"type": "RuntimeDefault"}),
-            "{name}"
-        );
+        // seccomp RuntimeDefault on the proxy, or inherited from the pod.
+        let seccomp = sc
+            .get("seccompProfile")
+            .or_else(|| pod.pointer("/spec/securityContext/seccompProfile"));
+        assert_eq!(seccomp, Some(&json!({"type": "RuntimeDefault"})), "{name}");
         assert_ne!(sc["runAsUser"], json!(0), "{name}");
         assert!(!proxy.to_string().contains("NET_ADMIN"), "{name}");
 
@@ -134,9 +163,8 @@ fn annotation_keys_are_escaped_in_paths() {
         "{paths:?}"
     );
     assert!(
-        paths
-            .iter()
-            .all(|p| p.matches('/').count() == 3 || *p == "/spec/containers/-"),
+        paths.iter().all(|p| p.matches('/').count() == 3
+            || (p.starts_with("/spec/") && p.matches('/').count() == 2)),
         "{paths:?}"
     );
     // `~` and `/` in a key the injector writes.
@@ -168,10 +196,12 @@ fn a_pod_without_annotations_gets_the_whole_object() {
     for name in ["minimal", "null-annotations"] {
         let pod = read_json(&dir(&format!("tests/fixtures/inject/{name}.pod.json")));
         let ops = patch_for(&pod, &InjectorConfig::default());
-        assert_eq!(ops.len(), 2, "{name}: {ops:?}");
-        assert_eq!(ops[1].path, "/metadata/annotations", "{name}");
+        let whole = ops
+            .iter()
+            .find(|o| o.path == "/metadata/annotations")
+            .unwrap_or_else(|| panic!("{name}: {ops:?}"));
         assert!(
-            ops[1].value.get("sidecar.istio.io/status").is_some(),
+            whole.value.get("sidecar.istio.io/status").is_some(),
             "{name}"
         );
     }
@@ -180,7 +210,7 @@ fn a_pod_without_annotations_gets_the_whole_object() {
         &json!({"spec": {"containers": [{"name": "app"}]}}),
         &InjectorConfig::default(),
     );
-    assert_eq!(ops[1].path, "/metadata");
+    assert!(ops.iter().any(|o| o.path == "/metadata"), "{ops:?}");
 }
 
 #[test]
@@ -200,7 +230,12 @@ fn bad_annotations_are_refused_naming_key_and_value() {
         ),
         ("sidecar.istio.io/proxyCPU", "two", "quantity"),
         ("sidecar.istio.io/proxyMemory", "-1Gi", "negative"),
-        ("sidecar.istio.io/proxyMemory", "4Gi", "limit 1024Mi"),
+        ("sidecar.istio.io/logLevel", "debug --foo", "only letters"),
+        ("sidecar.istio.io/proxyImage", "evil image", "only letters"),
+        ("status.sidecar.istio.io/port", "15020x", "integer"),
+        ("sidecar.istio.io/nativeSidecar", "yes", "true or false"),
+        ("proxy.istio.io/config", "[1, 2]", "ProxyConfig mapping"),
+        ("sidecar.istio.io/userVolume", "{\"v\": 1}", "named object"),
     ] {
         let pod = json!({"metadata": {"name": "x", "annotations": {key: value}},
                          "spec": {"containers": [{"name": "app"}]}});
@@ -225,6 +260,51 @@ fn bad_annotations_are_refused_naming_key_and_value() {
     assert_eq!(
         plan(&pod, None, None, &cfg, &p).expect("readable").patch,
         Ok(vec![])
+    );
+}
+
+#[test]
+fn resource_annotations_replace_the_values_and_are_checked_together() {
+    // As Istio's template: any proxyCPU/Memory annotation replaces the configured resources.
+    let p = MeshProfile::istio();
+    let cfg = InjectorConfig::default();
+    let pod = json!({"metadata": {"name": "x", "annotations": {
+        "sidecar.istio.io/proxyMemory": "4Gi", "sidecar.istio.io/proxyMemoryLimit": "1Gi"}},
+        "spec": {"containers": [{"name": "app"}]}});
+    match plan(&pod, None, None, &cfg, &p).expect("readable").patch {
+        Err(e) => assert!(e.to_string().contains("limit 1Gi"), "{e}"),
+        Ok(ops) => panic!("accepted: {ops:?}"),
+    }
+    let pod = json!({"metadata": {"name": "x", "annotations": {"sidecar.istio.io/proxyCPU": "50m"}},
+        "spec": {"containers": [{"name": "app"}]}});
+    let mut patched = pod.clone();
+    let ops = plan(&pod, None, None, &cfg, &p)
+        .expect("readable")
+        .patch
+        .expect("ok");
+    apply_patch(&mut patched, &ops).expect("applies");
+    assert_eq!(
+        patched["spec"]["initContainers"][0]["resources"],
+        json!({"requests": {"cpu": "50m"}})
+    );
+}
+
+#[test]
+fn refused_template_annotations_are_named_in_warnings() {
+    let p = MeshProfile::istio();
+    let pod = json!({"metadata": {"name": "x", "annotations": {
+        "sidecar.istio.io/enableCoreDump": "true", "sidecar.istio.io/capNetBindService": "true"}},
+        "spec": {"containers": [{"name": "app"}]}});
+    let plan = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+    assert!(plan.patch.is_ok());
+    let w = plan.decision.warnings.join("\n");
+    assert!(
+        w.contains("sidecar.istio.io/enableCoreDump is ignored"),
+        "{w}"
+    );
+    assert!(
+        w.contains("sidecar.istio.io/capNetBindService is ignored"),
+        "{w}"
     );
 }
 

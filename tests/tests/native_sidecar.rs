@@ -1,11 +1,17 @@
 //! Istio's current default layout: `istio-proxy` is a native sidecar (the first init container,
 //! `restartPolicy: Always`). Such a pod must be redirected exactly like a classic one, with the
 //! proxy's uid/gid read from that init container. Real netns, real rules, real traffic.
+//!
+//! The pods of the last test come from podwire's own injector (the webhook's decision and
+//! patch), in both layouts, with the proxy's uid customised the Istio way (the pod declares
+//! its own `istio-proxy` with `image: auto` and a `runAsUser`).
 
+use podwire_core::inject::{apply_patch, plan, InjectorConfig};
+use podwire_core::MeshProfile;
 use podwire_lab::lab::{pod_manifest, Lab, APP_PORT, NODE_V4};
 use podwire_lab::probe::{self, connect};
 use podwire_lab::require_root;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::process::Command;
 
 /// A mesh pod in the native-sidecar layout, proxy running as `uid`.
@@ -81,4 +87,107 @@ fn native_sidecar_pod_is_redirected_with_its_init_containers_identity() {
         .nat_rules("iptables-save")
         .expect("save")
         .contains("ISTIO_"));
+}
+
+/// An app pod as its author writes it, customising the proxy's identity, then injected by
+/// podwire (the webhook's decision and patch) in the layout `native` asks for.
+fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Value {
+    let mut pod = pod_manifest(namespace, name, false, &[]);
+    pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!(native.to_string());
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(json!({"name": "istio-proxy", "image": "auto",
+            "securityContext": {"runAsUser": uid, "runAsGroup": uid}}));
+    let p = plan(
+        &pod,
+        None,
+        None,
+        &InjectorConfig::default(),
+        &MeshProfile::istio(),
+    )
+    .expect("readable pod");
+    assert!(p.decision.inject, "{}", p.decision.reason);
+    let ops = p.patch.expect("accepted");
+    apply_patch(&mut pod, &ops).expect("the patch applies");
+    let (list, other) = if native {
+        ("initContainers", "containers")
+    } else {
+        ("containers", "initContainers")
+    };
+    let proxies: Vec<&Value> = pod["spec"][list]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|c| c["name"] == "istio-proxy")
+        .collect();
+    assert_eq!(proxies.len(), 1, "one proxy in {list}: {pod}");
+    let proxy = proxies[0];
+    assert_ne!(proxy["image"], json!("auto"), "image: auto resolves");
+    assert_eq!(proxy["securityContext"]["runAsUser"], json!(uid));
+    assert_eq!(proxy["args"][0], json!("proxy"));
+    assert_eq!(
+        proxy.get("restartPolicy").is_some(),
+        native,
+        "restartPolicy: Always only in the native layout"
+    );
+    assert!(pod["spec"][other]
+        .as_array()
+        .is_none_or(|l| l.iter().all(|c| c["name"] != "istio-proxy")));
+    pod
+}
+
+#[test]
+fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(false, json!({})).expect("lab");
+    lab.publish(
+        "injected.yaml",
+        &[
+            injected_pod("shop", "native-injected", 2100, true),
+            injected_pod("shop", "classic-injected", 2200, false),
+        ],
+    )
+    .expect("publish");
+    for (name, uid) in [("native-injected", 2100), ("classic-injected", 2200)] {
+        let pod = lab.start_pod("shop", name).expect(name);
+        probe::start_proxy(&pod.netns, false).expect("proxy");
+        let node = format!("{NODE_V4}:{APP_PORT}");
+        let seen = connect(&pod.netns, &node).expect("outbound");
+        assert_eq!(
+            (seen.label.as_str(), seen.orig.as_str()),
+            ("PROXY-OUT", node.as_str()),
+            "{name}: outbound traffic must reach the proxy"
+        );
+        let target = format!("{}:{APP_PORT}", pod.ip4);
+        let seen = connect(&lab.node, &target).expect("inbound");
+        assert_eq!(
+            (seen.label.as_str(), seen.orig.as_str()),
+            ("PROXY-IN", target.as_str()),
+            "{name}: inbound"
+        );
+        // The status port Istio's template excludes (15020) is exempt inbound, and the proxy's
+        // own uid (from the pod's override) bypasses.
+        let saved = pod.netns.nat_rules("iptables-save").expect("save");
+        assert!(saved.contains("--dport 15020 -j RETURN"), "{name}: {saved}");
+        assert!(
+            saved.contains(&format!("--uid-owner {uid}")),
+            "{name}: {saved}"
+        );
+        assert_eq!(
+            nc_as(&pod, uid),
+            "NODE",
+            "{name}: the proxy's own uid bypasses"
+        );
+        assert_eq!(
+            nc_as(&pod, 1337),
+            "PROXY-OUT",
+            "{name}: 1337 is an app uid here"
+        );
+        for (plugin, out) in lab.run("DEL", &pod).expect("DEL") {
+            assert!(out.ok, "{name}: DEL failed in {plugin}: {out:?}");
+        }
+    }
 }

@@ -63,6 +63,28 @@ fn main() {
     }
     let parse_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
     println!("in process: review + encode {review_us:.1} us/request; parse only (the bare server's work) {parse_us:.1} us");
+    // The answer's size: the JSON patch (Istio's full sidecar, native layout) and the whole
+    // AdmissionReview on the wire.
+    let answer = podwire_injector::review_resolving(&body, &cfg, &|_| None, &profile);
+    let wire = serde_json::to_vec(&answer.review).expect("json");
+    let patch = answer
+        .review
+        .response
+        .as_ref()
+        .and_then(|r| r.patch.as_ref())
+        .map(|p| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(p)
+                .map(|b| b.len())
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    println!(
+        "answer: JSON patch {patch} bytes, AdmissionReview response {} bytes (request {} bytes)",
+        wire.len(),
+        body.len()
+    );
 
     let bare_addr = free_port();
     let bare = Server(
@@ -85,6 +107,7 @@ fn main() {
             .args(["serve", "--config"])
             .arg(&config)
             .args(["--listen", &inj_addr.to_string(), "--no-namespace-watch"])
+            .arg("--no-istio-config")
             .arg("--tls-cert")
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")

@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod certs;
 pub mod config;
+pub mod istio_settings;
 pub mod metrics;
 pub mod namespaces;
 pub mod review;
@@ -22,7 +23,10 @@ pub mod serve;
 pub mod tls;
 
 pub use admission::{AdmissionResponse, AdmissionReview, Status};
-pub use config::{load_config, parse_config, parse_namespace_labels, LoadedConfig};
+pub use config::{
+    load_config, load_istio_setting, parse_config, parse_istio_setting, parse_namespace_labels,
+    with_istio_settings, IstioSetting, LoadedConfig,
+};
 pub use review::{review, review_detailed, review_resolving, Outcome, Reviewed};
 
 use thiserror::Error;

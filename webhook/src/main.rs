@@ -50,6 +50,25 @@ struct ServeArgs {
     /// Injector config file (same as for `review`).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// Istio's values file (JSON/YAML, or the istio-sidecar-injector ConfigMap) instead of
+    /// reading it from the cluster.
+    #[arg(long, value_name = "FILE")]
+    values_file: Option<PathBuf>,
+    /// Istio's MeshConfig file (YAML, or the istio ConfigMap) instead of reading it from the
+    /// cluster.
+    #[arg(long, value_name = "FILE")]
+    mesh_config_file: Option<PathBuf>,
+    /// Namespace of Istio's control plane, whose istio-sidecar-injector and istio ConfigMaps
+    /// hold the values and mesh config (read at start-up, watched, applied without restart).
+    #[arg(long, default_value = "istio-system")]
+    istio_namespace: String,
+    /// Istio revision whose ConfigMaps are read (`istio-sidecar-injector-<rev>`, `istio-<rev>`).
+    #[arg(long, default_value = "")]
+    istio_revision: String,
+    /// Do not read Istio's settings from the cluster: only the config file's `values`/`mesh`
+    /// (and the files above) apply.
+    #[arg(long)]
+    no_istio_config: bool,
     /// Address to listen on (HTTPS).
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15017")]
     listen: std::net::SocketAddr,
@@ -141,6 +160,28 @@ struct ReviewArgs {
     /// namespaceSelector is checked here too, as the API server would before calling.
     #[arg(long, value_name = "K=V,...")]
     namespace_labels: Option<String>,
+    /// Istio's values (JSON/YAML, or the istio-sidecar-injector ConfigMap); the config
+    /// file's own `values` win over it.
+    #[arg(long, value_name = "FILE")]
+    values_file: Option<PathBuf>,
+    /// Istio's MeshConfig (YAML, or the istio ConfigMap); the config file's own `mesh` wins.
+    #[arg(long, value_name = "FILE")]
+    mesh_config_file: Option<PathBuf>,
+}
+
+/// Istio's settings from files, when given.
+fn istio_files(
+    values: Option<&Path>,
+    mesh: Option<&Path>,
+) -> Result<(Option<serde_json::Value>, Option<serde_json::Value>)> {
+    use podwire_injector::{load_istio_setting, IstioSetting};
+    Ok((
+        values
+            .map(|p| load_istio_setting(p, IstioSetting::Values))
+            .transpose()?,
+        mesh.map(|p| load_istio_setting(p, IstioSetting::Mesh))
+            .transpose()?,
+    ))
 }
 
 fn main() -> ExitCode {
@@ -177,6 +218,17 @@ fn config(path: &Path, profile: &MeshProfile) -> Result<LoadedConfig> {
 fn run_review(args: &ReviewArgs) -> Result<()> {
     let profile = MeshProfile::istio();
     let cfg = config(&args.config, &profile)?;
+    let (values, mesh) = istio_files(
+        args.values_file.as_deref(),
+        args.mesh_config_file.as_deref(),
+    )?;
+    let cfg = podwire_injector::with_istio_settings(
+        cfg.config,
+        values,
+        mesh,
+        &args.config.display().to_string(),
+        &profile,
+    )?;
     let labels = args
         .namespace_labels
         .as_deref()
@@ -186,7 +238,7 @@ fn run_review(args: &ReviewArgs) -> Result<()> {
     std::io::stdin()
         .read_to_end(&mut body)
         .context("reading the AdmissionReview from stdin")?;
-    let reviewed = review_detailed(&body, &cfg.config, labels.as_ref(), &profile);
+    let reviewed = review_detailed(&body, &cfg, labels.as_ref(), &profile);
     tracing::info!(
         outcome = reviewed.outcome.as_str(),
         dry_run = reviewed.dry_run,
@@ -275,11 +327,41 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let client = if self_managed || !args.no_namespace_watch {
+    let from_cluster =
+        !args.no_istio_config && (args.values_file.is_none() || args.mesh_config_file.is_none());
+    let client = if self_managed || !args.no_namespace_watch || from_cluster {
         Some(kube_client(self_managed).await?)
     } else {
         None
     };
+    // Istio's settings: files when given, else the cluster's ConfigMaps (read now: missing
+    // is a start-up error; then watched).
+    use podwire_injector::istio_settings::{self, IstioConfigMaps, LiveConfig};
+    let (mut values, mut mesh) = istio_files(
+        args.values_file.as_deref(),
+        args.mesh_config_file.as_deref(),
+    )?;
+    let cms = IstioConfigMaps::new(&args.istio_namespace, &args.istio_revision);
+    let mut watch_values = false;
+    let mut watch_mesh = false;
+    if let (true, Some(client)) = (from_cluster, &client) {
+        let (v, m) = istio_settings::load(client, &cms).await?;
+        if values.is_none() {
+            values = Some(v);
+            watch_values = true;
+        }
+        if mesh.is_none() {
+            mesh = Some(m);
+            watch_mesh = true;
+        }
+    }
+    let live = Arc::new(LiveConfig::new(
+        cfg.config,
+        &args.config.display().to_string(),
+        values,
+        mesh,
+        profile.clone(),
+    )?);
     let mut tasks = Vec::new();
     let mut lease = None;
     if let Some(files) = files {
@@ -317,8 +399,24 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
+    if let Some(client) = &client {
+        use podwire_injector::IstioSetting;
+        for (on, what) in [
+            (watch_values, IstioSetting::Values),
+            (watch_mesh, IstioSetting::Mesh),
+        ] {
+            if on {
+                tasks.push(tokio::spawn(istio_settings::watch(
+                    client.clone(),
+                    cms.clone(),
+                    what,
+                    live.clone(),
+                )));
+            }
+        }
+    }
     let state = Arc::new(serve::State {
-        config: cfg.config,
+        config: live,
         profile,
         namespaces: ns_labels,
         metrics,

@@ -403,7 +403,15 @@ mod tests {
             .decode(resp.patch.expect("patch"))
             .expect("base64");
         let ops: Value = serde_json::from_slice(&raw).expect("json");
-        assert_eq!(ops[0]["path"], json!("/spec/containers/-"));
+        let paths: Vec<&str> = ops
+            .as_array()
+            .expect("ops")
+            .iter()
+            .filter_map(|o| o["path"].as_str())
+            .collect();
+        // Native sidecar layout by default: the proxy is the first init container.
+        assert!(paths.contains(&"/spec/initContainers"), "{paths:?}");
+        assert!(paths.contains(&"/spec/volumes"), "{paths:?}");
     }
 
     #[test]

@@ -20,7 +20,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use podwire_core::inject::InjectorConfig;
 use podwire_core::MeshProfile;
 use std::convert::Infallible;
 use std::future::Future;
@@ -130,7 +129,8 @@ pub fn parse_cost(body: &[u8]) -> usize {
 /// What a request handler needs.
 #[derive(Debug)]
 pub struct State {
-    pub config: InjectorConfig,
+    /// The config now: the file's, over Istio's settings (replaced when they change).
+    pub config: Arc<crate::istio_settings::LiveConfig>,
     pub profile: MeshProfile,
     /// The namespace watch, when there is one.
     pub namespaces: Option<Arc<NamespaceLabels>>,
@@ -320,7 +320,8 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
             .and_then(|n| n.get(ns))
             .map(|l| (*l).clone())
     };
-    let reviewed = review_resolving(&body, &state.config, &labels_of, &state.profile);
+    let config = state.config.get();
+    let reviewed = review_resolving(&body, &config, &labels_of, &state.profile);
     let answer = serde_json::to_vec(&reviewed.review);
     state.metrics.request(
         result_of(reviewed.outcome),

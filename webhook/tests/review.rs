@@ -111,11 +111,29 @@ fn controller_pod_with_generate_name_only_is_injected() {
             .expect("json");
     let mut pod = body["request"]["object"].clone();
     apply_patch(&mut pod, &ops).expect("the patch applies to the pod as sent");
+    // Istio's sidecar in the native layout (the default): the first init container, with
+    // the full template (args, env, volumes) and the config file's resources.
     let containers = pod["spec"]["containers"].as_array().expect("containers");
-    assert_eq!(containers.len(), 2);
-    assert_eq!(containers[1]["name"], json!("istio-proxy"));
-    assert_eq!(containers[1]["resources"]["limits"]["cpu"], json!("2"));
-    assert!(pod["spec"].get("initContainers").is_none());
+    assert_eq!(containers.len(), 1);
+    let inits = pod["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers");
+    assert_eq!(inits.len(), 1);
+    let proxy = &inits[0];
+    assert_eq!(proxy["name"], json!("istio-proxy"));
+    assert_eq!(proxy["restartPolicy"], json!("Always"));
+    assert_eq!(proxy["resources"]["limits"]["cpu"], json!("2"));
+    assert_eq!(proxy["args"][0], json!("proxy"));
+    let env = |name: &str| {
+        proxy["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // The workload is the ReplicaSet's Deployment, as Istio derives it.
+    assert_eq!(env("ISTIO_META_WORKLOAD_NAME")["value"], json!("web"));
+    assert!(env("POD_NAMESPACE")["valueFrom"].is_object());
     let ann = &pod["metadata"]["annotations"];
     assert!(ann["sidecar.istio.io/status"].is_string(), "{ann}");
     assert_eq!(ann["example.com/injected-by"], json!("podwire"));
@@ -126,9 +144,16 @@ fn controller_pod_with_generate_name_only_is_injected() {
     // The webhook does not invent a name or move the namespace into the object.
     assert!(pod["metadata"].get("name").is_none());
     assert!(pod["metadata"].get("namespace").is_none());
-    // Only the added container and the annotations object: nothing else is touched.
+    // Labels, annotations, the init containers and volumes: nothing else is touched.
     let paths: Vec<&str> = ops.iter().map(|o| o.path.as_str()).collect();
-    assert_eq!(paths, ["/spec/containers/-", "/metadata/annotations"]);
+    assert!(
+        paths.iter().all(|p| p.starts_with("/metadata/labels")
+            || p.starts_with("/metadata/annotations")
+            || *p == "/spec/containers"
+            || *p == "/spec/initContainers"
+            || *p == "/spec/volumes"),
+        "{paths:?}"
+    );
 }
 
 #[test]

@@ -1080,14 +1080,16 @@ fn injected(inp: &Inputs, cfg: &InjectorConfig) -> Result<(Value, Option<String>
 
 fn proxy_resources(pod: &Value, cfg: &InjectorConfig, profile: &MeshProfile) -> Value {
     let name = cfg.proxy_name(profile);
-    pod.pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c.get("name").and_then(Value::as_str) == Some(name))
-        })
+    // The proxy is a container (classic layout) or an init container (native sidecar).
+    ["/spec/containers", "/spec/initContainers"]
+        .iter()
+        .filter_map(|list| pod.pointer(list).and_then(Value::as_array))
+        .flatten()
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(name))
         .and_then(|c| c.get("resources").cloned())
-        .unwrap_or_else(|| json!(cfg.proxy.resources))
+        .or_else(|| cfg.proxy.resources.as_ref().map(|r| json!(r)))
+        .or_else(|| cfg.istio().ok().and_then(|s| s.resources.clone()))
+        .unwrap_or_else(|| json!({}))
 }
 
 fn resource_quota(inp: &Inputs, cfg: &Config) -> Outcome {

@@ -8,11 +8,13 @@ use super::selector::LabelSelector;
 use crate::error::{Error, Result};
 use crate::MeshProfile;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Image used when the config names none (Istio's proxy, pinned so injection is reproducible).
-pub const DEFAULT_PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.24.2";
+/// Image used when neither the config nor Istio's values name one (`global.hub`,
+/// `global.tag`, `global.proxy.image` defaults in [`super::istio`]).
+pub const DEFAULT_PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.28.0";
 
 /// Namespaces never injected, whatever the config says (the Kubernetes system namespaces and
 /// kind's storage provisioner): their pods must start even when the mesh is broken.
@@ -24,8 +26,10 @@ pub const SYSTEM_NAMESPACES: [&str; 4] = [
 ];
 
 /// Every top-level key podwire reads; anything else in the file is reported, not used.
-pub const KNOWN_KEYS: [&str; 7] = [
+pub const KNOWN_KEYS: [&str; 9] = [
     "policy",
+    "values",
+    "mesh",
     "alwaysInjectSelector",
     "neverInjectSelector",
     "injectedAnnotations",
@@ -58,6 +62,17 @@ pub struct InjectorConfig {
     pub ignored_namespaces: Vec<String>,
     #[serde(default)]
     pub proxy: ProxyTemplate,
+    /// Istio's Helm values (the `values` of the `istio-sidecar-injector` ConfigMap) as the
+    /// template reads them; the binaries merge the cluster's with the file's (the file wins).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub values: Value,
+    /// Istio's MeshConfig (the `mesh` of the `istio` ConfigMap), merged the same way.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub mesh: Value,
+    /// `values` and `mesh` resolved once by [`InjectorConfig::prepared`], so a request does
+    /// not read them again. Not part of the file.
+    #[serde(skip)]
+    pub resolved: Option<std::sync::Arc<super::istio::Resolved>>,
 }
 
 /// The default injection policy. Kept as written when unrecognized so messages can quote it.
@@ -103,7 +118,7 @@ impl Serialize for Policy {
 }
 
 /// The proxy container the injector adds. Unset fields follow the mesh profile.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyTemplate {
     /// Container name (default: the profile's, `istio-proxy`).
@@ -117,7 +132,8 @@ pub struct ProxyTemplate {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
-    #[serde(default = "default_ports")]
+    /// Replaces the template's ports when given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
     /// runAsUser / runAsGroup of the proxy (default: the profile's, 1337); the CNI plugin
     /// exempts this uid/gid from redirection.
@@ -125,48 +141,10 @@ pub struct ProxyTemplate {
     pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
-    /// Taken as a whole when given (so limits can be left out on purpose).
-    #[serde(default = "default_resources")]
-    pub resources: Resources,
-}
-
-impl Default for ProxyTemplate {
-    fn default() -> Self {
-        ProxyTemplate {
-            name: None,
-            image: None,
-            image_pull_policy: None,
-            args: Vec::new(),
-            env: Vec::new(),
-            ports: default_ports(),
-            uid: None,
-            gid: None,
-            resources: default_resources(),
-        }
-    }
-}
-
-/// Istio's sidecar exposes its Prometheus endpoint on 15090.
-fn default_ports() -> Vec<ContainerPort> {
-    vec![ContainerPort {
-        name: Some("http-envoy-prom".into()),
-        container_port: 15090,
-        protocol: Some("TCP".into()),
-    }]
-}
-
-/// Istio's defaults for the sidecar.
-fn default_resources() -> Resources {
-    let map = |cpu: &str, mem: &str| {
-        BTreeMap::from([
-            ("cpu".to_string(), cpu.to_string()),
-            ("memory".to_string(), mem.to_string()),
-        ])
-    };
-    Resources {
-        requests: map("100m", "128Mi"),
-        limits: map("2000m", "1024Mi"),
-    }
+    /// Taken as a whole when given (so limits can be left out on purpose); else Istio's
+    /// `values.global.proxy.resources` (100m/128Mi requests, 2000m/1024Mi limits by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,8 +202,31 @@ impl InjectorConfig {
             .unwrap_or(profile.proxy_container)
     }
 
-    pub fn proxy_image(&self) -> &str {
-        self.proxy.image.as_deref().unwrap_or(DEFAULT_PROXY_IMAGE)
+    /// The image the config file names, if any (else Istio's values decide).
+    pub fn proxy_image(&self) -> Option<&str> {
+        self.proxy.image.as_deref()
+    }
+
+    /// Istio's settings as read from `values` and `mesh`, checked (the prepared copy when
+    /// there is one).
+    pub fn istio(&self) -> Result<std::sync::Arc<super::istio::Resolved>> {
+        if let Some(r) = &self.resolved {
+            return Ok(r.clone());
+        }
+        super::istio::IstioSettings {
+            values: &self.values,
+            mesh: &self.mesh,
+        }
+        .resolve()
+        .map(std::sync::Arc::new)
+    }
+
+    /// The config with Istio's settings resolved once (call after changing `values`/`mesh`).
+    pub fn prepared(mut self) -> Result<Self> {
+        self.resolved = None;
+        let r = self.istio()?;
+        self.resolved = Some(r);
+        Ok(self)
     }
 
     /// (uid, gid); without a gid the group follows the uid, as the plugin assumes.
@@ -273,7 +274,7 @@ impl InjectorConfig {
                 format!("{name:?} is not a container name (DNS label: a-z 0-9 -, at most 63)"),
             ));
         }
-        if self.proxy_image().trim().is_empty() {
+        if self.proxy_image().is_some_and(|i| i.trim().is_empty()) {
             return Err(err("proxy.image".into(), "must not be empty".into()));
         }
         for (field, id) in [("proxy.uid", self.proxy.uid), ("proxy.gid", self.proxy.gid)] {
@@ -296,10 +297,9 @@ impl InjectorConfig {
                 ));
             }
         }
-        for (kind, map) in [
-            ("requests", &self.proxy.resources.requests),
-            ("limits", &self.proxy.resources.limits),
-        ] {
+        let none = Resources::default();
+        let r = self.proxy.resources.as_ref().unwrap_or(&none);
+        for (kind, map) in [("requests", &r.requests), ("limits", &r.limits)] {
             for (res, q) in map {
                 Quantity::parse(q).map_err(|reason| {
                     err(
@@ -310,7 +310,6 @@ impl InjectorConfig {
             }
         }
         for res in ["cpu", "memory"] {
-            let r = &self.proxy.resources;
             if let (Some(req), Some(lim)) = (r.requests.get(res), r.limits.get(res)) {
                 let (Ok(rq), Ok(lq)) = (Quantity::parse(req), Quantity::parse(lim)) else {
                     continue;
@@ -323,6 +322,7 @@ impl InjectorConfig {
                 }
             }
         }
+        self.istio()?;
         Ok(())
     }
 
@@ -402,8 +402,9 @@ mod tests {
         let p = MeshProfile::istio();
         assert_eq!(cfg.policy, Policy::Disabled);
         assert_eq!(cfg.proxy_ids(&p), (2000, 2000));
-        assert!(cfg.proxy.resources.limits.is_empty());
-        assert_eq!(cfg.proxy.ports, default_ports());
+        let r = cfg.proxy.resources.as_ref().expect("given");
+        assert!(r.limits.is_empty());
+        assert!(cfg.proxy.ports.is_empty(), "the template's ports are kept");
         assert_eq!(cfg.validate(&p), Ok(()));
         let odd: InjectorConfig =
             serde_json::from_value(serde_json::json!({"policy": "Enabled"})).expect("config");

@@ -129,21 +129,8 @@ pub fn decide(
             warnings,
         );
     }
-    // 3. Never a second proxy.
-    let proxy = cfg.proxy_name(profile);
-    if pod.container(proxy).is_some() || pod.container(profile.proxy_container).is_some() {
-        let name = if pod.container(proxy).is_some() {
-            proxy
-        } else {
-            profile.proxy_container
-        };
-        return skip(
-            Step::AlreadyInjected,
-            format!("already injected (container {name} present)"),
-            None,
-            warnings,
-        );
-    }
+    // 3. Never a second proxy. As Istio: only the status annotation says "injected"; a pod
+    // that declares its own istio-proxy container is customising it, not injected.
     if pod.annotation(profile.status_key).is_some() {
         return skip(
             Step::AlreadyInjected,

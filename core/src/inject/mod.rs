@@ -5,12 +5,14 @@
 
 pub mod config;
 pub mod decision;
+pub mod istio;
 pub mod patch;
 pub mod quantity;
 pub mod selector;
 
 pub use config::{InjectorConfig, Policy, ProxyTemplate};
 pub use decision::{decide, Decision, Step};
-pub use patch::{apply_patch, injection_patch, plan, read_pod, PatchOp, Plan};
+pub use istio::Workload;
+pub use patch::{apply_patch, injection_patch, plan, plan_in, read_pod, PatchOp, Plan};
 pub use quantity::Quantity;
 pub use selector::{parse_labels, LabelSelector, Labels};

@@ -2,19 +2,15 @@
 //! the CNI plugin reads. No init container, no capability: the proxy meets Pod Security
 //! "restricted" on its own, so the injected pod does whenever the app does.
 
-use super::config::{InjectorConfig, Resources};
+use super::config::InjectorConfig;
 use super::decision::{decide, Decision};
-use super::quantity::Quantity;
+use super::istio::{self, Overrides, Rendered, Workload};
 use super::selector::Labels;
 use crate::error::{Error, Result};
-use crate::pod::{Container, SecurityContext};
-use crate::redirect::Selection;
+use crate::pod::Container;
 use crate::{MeshProfile, PodInfo, RedirectSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::cmp::Ordering;
-use std::collections::BTreeMap;
-use std::fmt::Display;
 
 /// One JSON-patch operation. podwire only ever adds (an `add` on an existing member replaces
 /// it, RFC 6902 §4.1), so a patch never depends on the exact state of what it does not touch.
@@ -71,6 +67,19 @@ pub fn plan(
     cfg: &InjectorConfig,
     profile: &MeshProfile,
 ) -> Result<Plan> {
+    plan_in(pod, None, request_namespace, namespace_labels, cfg, profile)
+}
+
+/// [`plan`] for a pod template of a known workload (a Deployment's, a Job's, ... as
+/// `podwire inject` reads them); `None` derives the workload from the pod, as the webhook does.
+pub fn plan_in(
+    pod: &Value,
+    workload: Option<&Workload>,
+    request_namespace: Option<&str>,
+    namespace_labels: Option<&Labels>,
+    cfg: &InjectorConfig,
+    profile: &MeshProfile,
+) -> Result<Plan> {
     let mut info = read_pod(pod)?;
     if info.metadata.namespace.is_empty() {
         if let Some(ns) = request_namespace.filter(|n| !n.is_empty()) {
@@ -82,7 +91,18 @@ pub fn plan(
         decision
             .warnings
             .extend(mutation_warnings(&info, cfg, profile));
-        injection_patch(pod, &info, cfg, profile)
+        let derived;
+        let workload = match workload {
+            Some(w) => w,
+            None => {
+                derived = workload_of(pod, &info);
+                &derived
+            }
+        };
+        injection(pod, workload, cfg, profile).map(|(ops, warnings)| {
+            decision.warnings.extend(warnings);
+            ops
+        })
     } else {
         Ok(Vec::new())
     };
@@ -177,261 +197,161 @@ pub fn injection_patch(
     cfg: &InjectorConfig,
     profile: &MeshProfile,
 ) -> Result<Vec<PatchOp>> {
-    let (uid, gid) = cfg.proxy_ids(profile);
-    // The annotations as they will be: the pod's own, then the config's on top (as Istio).
-    let mut annotations = info.metadata.annotations.clone();
-    annotations.extend(cfg.injected_annotations.clone());
+    let workload = workload_of(pod, info);
+    injection(pod, &workload, cfg, profile).map(|(ops, _)| ops)
+}
 
+/// The workload Istio would name for `pod` (owner reference heuristics), in `info`'s namespace.
+fn workload_of(pod: &Value, info: &PodInfo) -> Workload {
+    let mut w = Workload::from_pod(pod);
+    if w.namespace.is_empty() {
+        w.namespace = info.metadata.namespace.clone();
+    }
+    w
+}
+
+/// The injected pod, as Istio's sidecar template (istio-cni case, no init container) renders
+/// it with the config's Istio values and mesh config, plus podwire's `proxy` overrides.
+pub fn render_pod(
+    pod: &Value,
+    workload: &Workload,
+    cfg: &InjectorConfig,
+    profile: &MeshProfile,
+) -> Result<Rendered> {
+    // A hostile traffic annotation is refused before anything is rendered, quoting the pod's
+    // own value (the plugin's parser, as it will run at pod start).
+    let mut own = PodInfo::default();
+    if let Some(Value::Object(a)) = pod.pointer("/metadata/annotations") {
+        for (k, v) in a {
+            if let Some(v) = v.as_str() {
+                own.metadata.annotations.insert(k.clone(), v.to_string());
+            }
+        }
+    }
+    RedirectSpec::from_pod(&own, profile)?;
+    let mut settings = cfg.istio()?;
+    // The config file's proxy.resources stand in for the values' global.proxy.resources, as a
+    // whole; the pod's sidecar.istio.io/proxy* annotations still win over either.
+    if let Some(r) = &cfg.proxy.resources {
+        std::sync::Arc::make_mut(&mut settings).resources = Some(json!(r));
+    }
+    let (uid, gid) = cfg.proxy_ids(profile);
+    let overrides = Overrides {
+        name: cfg.proxy_name(profile).to_string(),
+        image: cfg.proxy.image.clone(),
+        uid,
+        gid,
+        container: config_overlay(cfg),
+    };
+    let rendered = istio::render(
+        pod,
+        workload,
+        &settings,
+        &overrides,
+        &cfg.injected_annotations,
+    )?;
     // The plugin's own parser, on the pod as it will be: a value it would refuse at pod start
     // is refused now, while the author is still looking.
-    let view = PodInfo {
-        metadata: crate::pod::PodMeta {
-            annotations: annotations.clone(),
-            ..Default::default()
-        },
-        spec: crate::pod::PodSpec {
-            containers: vec![Container {
-                name: profile.proxy_container.to_string(),
-                restart_policy: None,
-                security_context: Some(SecurityContext {
-                    run_as_user: Some(i64::from(uid)),
-                    run_as_group: Some(i64::from(gid)),
-                }),
-            }],
-            ..Default::default()
-        },
-    };
-    let spec = RedirectSpec::from_pod(&view, profile)?;
-    let resources = resources(&annotations, cfg, profile)?;
-
-    let mut ops = vec![container_op(
-        pod,
-        proxy_container(cfg, profile, &resources, uid, gid),
-    )];
-
-    let mut writes: BTreeMap<String, String> = cfg.injected_annotations.clone();
-    for (k, v) in traffic_annotations(&spec, profile) {
-        writes.insert(k.to_string(), v);
-    }
-    if !annotations.contains_key(profile.interception_mode_key) {
-        writes.insert(profile.interception_mode_key.to_string(), "REDIRECT".into());
-    }
-    writes.insert(
-        profile.status_key.to_string(),
-        status(cfg.proxy_name(profile)),
-    );
-    ops.extend(annotation_ops(pod, info, writes));
-    Ok(ops)
-}
-
-/// Append to `spec.containers`, creating what is missing (a pod without containers is invalid,
-/// but the API server validates after mutating admission; the patch must still apply).
-fn container_op(pod: &Value, container: Value) -> PatchOp {
-    match pod.get("spec") {
-        Some(Value::Object(spec)) => match spec.get("containers") {
-            Some(Value::Array(_)) => PatchOp::add("/spec/containers/-".into(), container),
-            _ => PatchOp::add("/spec/containers".into(), json!([container])),
-        },
-        _ => PatchOp::add("/spec".into(), json!({ "containers": [container] })),
-    }
-}
-
-/// One `add` per changed key, or the whole object when the pod has none (a pointer into a
-/// missing object would not apply).
-fn annotation_ops(pod: &Value, info: &PodInfo, writes: BTreeMap<String, String>) -> Vec<PatchOp> {
-    let changed: BTreeMap<String, String> = writes
-        .into_iter()
-        .filter(|(k, v)| info.annotation(k) != Some(v.as_str()))
-        .collect();
-    if changed.is_empty() {
-        return Vec::new();
-    }
-    let to_map = |m: BTreeMap<String, String>| -> Value {
-        Value::Object(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
-    };
-    match pod.get("metadata") {
-        Some(Value::Object(meta)) => match meta.get("annotations") {
-            Some(Value::Object(_)) => changed
-                .into_iter()
-                .map(|(k, v)| {
-                    PatchOp::add(
-                        format!("/metadata/annotations/{}", escape_token(&k)),
-                        Value::String(v),
-                    )
-                })
-                .collect(),
-            _ => vec![PatchOp::add(
-                "/metadata/annotations".into(),
-                to_map(changed),
-            )],
-        },
-        _ => vec![PatchOp::add(
-            "/metadata".into(),
-            json!({ "annotations": to_map(changed) }),
-        )],
-    }
-}
-
-/// The resolved `traffic.sidecar.istio.io/*` values, written explicitly so the redirection of a
-/// running pod never depends on a later change of defaults. Parsing them back gives `spec`.
-fn traffic_annotations(spec: &RedirectSpec, profile: &MeshProfile) -> Vec<(&'static str, String)> {
-    fn list<T: Display>(items: &[T]) -> String {
-        items
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-    fn selection<T: Display>(s: &Selection<T>) -> String {
-        match s {
-            Selection::All => "*".into(),
-            Selection::List(l) => list(l),
+    let mut view = PodInfo::default();
+    for (k, v) in &rendered.annotations {
+        if let Some(v) = v.as_str() {
+            view.metadata.annotations.insert(k.clone(), v.to_string());
         }
     }
-    let k = &profile.traffic;
-    // Includes always (absent means "all", so an empty list must be spelled out); the other
-    // lists only when they hold something.
-    let mut out = vec![
-        (
-            k.include_inbound_ports,
-            selection(&spec.include_inbound_ports),
-        ),
-        (
-            k.include_outbound_ip_ranges,
-            selection(&spec.include_outbound_ranges),
-        ),
-    ];
-    for (key, value) in [
-        (k.exclude_inbound_ports, list(&spec.exclude_inbound_ports)),
-        (k.include_outbound_ports, list(&spec.include_outbound_ports)),
-        (k.exclude_outbound_ports, list(&spec.exclude_outbound_ports)),
-        (
-            k.exclude_outbound_ip_ranges,
-            list(&spec.exclude_outbound_ranges),
-        ),
-        (k.exclude_interfaces, list(&spec.exclude_interfaces)),
-    ] {
-        if !value.is_empty() {
-            out.push((key, value));
-        }
+    if let Some(proxy) = rendered.proxy(&overrides.name) {
+        let c = Container::deserialize(proxy).map_err(|e| Error::InvalidPod {
+            reason: format!("the proxy container as merged: {e}"),
+        })?;
+        view.spec.containers.push(c);
     }
-    out
+    RedirectSpec::from_pod(&view, profile)?;
+    Ok(rendered)
 }
 
-/// Istio's `sidecar.istio.io/status` shape, so Istio's tooling reads it; fields in Istio's order.
-fn status(proxy: &str) -> String {
-    format!(
-        r#"{{"initContainers":null,"containers":[{}],"volumes":null,"imagePullSecrets":null,"revision":"default"}}"#,
-        Value::String(proxy.to_string())
-    )
-}
-
-/// The template's resources with the pod's `sidecar.istio.io/proxy*` overrides, checked.
-fn resources(
-    annotations: &BTreeMap<String, String>,
+/// Patch and warnings for `pod` injected as part of `workload`.
+pub fn injection(
+    pod: &Value,
+    workload: &Workload,
     cfg: &InjectorConfig,
     profile: &MeshProfile,
-) -> Result<Resources> {
-    let keys = &profile.resources;
-    let mut r = cfg.proxy.resources.clone();
-    for (key, limit, resource) in [
-        (keys.cpu_request, false, "cpu"),
-        (keys.memory_request, false, "memory"),
-        (keys.cpu_limit, true, "cpu"),
-        (keys.memory_limit, true, "memory"),
-    ] {
-        if let Some(v) = annotations.get(key) {
-            Quantity::parse(v).map_err(|reason| Error::InvalidAnnotation {
-                key: key.to_string(),
-                value: v.clone(),
-                reason,
-            })?;
-            let map = if limit {
-                &mut r.limits
-            } else {
-                &mut r.requests
-            };
-            map.insert(resource.to_string(), v.clone());
-        }
-    }
-    // The API server refuses a request above its limit with a message that does not say which
-    // annotation to fix; say it here.
-    for (resource, req_key, lim_key) in [
-        ("cpu", keys.cpu_request, keys.cpu_limit),
-        ("memory", keys.memory_request, keys.memory_limit),
-    ] {
-        let (Some(req), Some(lim)) = (r.requests.get(resource), r.limits.get(resource)) else {
-            continue;
-        };
-        let (Ok(rq), Ok(lq)) = (Quantity::parse(req), Quantity::parse(lim)) else {
-            continue;
-        };
-        if rq.cmp_value(&lq) == Ordering::Greater {
-            let (key, value, reason) = if annotations.contains_key(req_key) {
-                (
-                    req_key,
-                    req,
-                    format!("more than the proxy's {resource} limit {lim} (raise {lim_key} too)"),
-                )
-            } else {
-                (
-                    lim_key,
-                    lim,
-                    format!("less than the proxy's {resource} request {req} (set {req_key} too)"),
-                )
-            };
-            return Err(Error::InvalidAnnotation {
-                key: key.to_string(),
-                value: value.clone(),
-                reason,
-            });
-        }
-    }
-    Ok(r)
+) -> Result<(Vec<PatchOp>, Vec<String>)> {
+    let rendered = render_pod(pod, workload, cfg, profile)?;
+    let warnings = rendered.warnings.clone();
+    Ok((diff_ops(pod, rendered), warnings))
 }
 
-fn proxy_container(
-    cfg: &InjectorConfig,
-    profile: &MeshProfile,
-    resources: &Resources,
-    uid: u32,
-    gid: u32,
-) -> Value {
+/// The config file's `proxy` section as a partial container merged over the template.
+fn config_overlay(cfg: &InjectorConfig) -> Option<Value> {
     let t = &cfg.proxy;
-    let mut c = Map::new();
-    c.insert("name".into(), json!(cfg.proxy_name(profile)));
-    c.insert("image".into(), json!(cfg.proxy_image()));
+    let mut m = Map::new();
     if let Some(p) = &t.image_pull_policy {
-        c.insert("imagePullPolicy".into(), json!(p));
+        m.insert("imagePullPolicy".into(), json!(p));
     }
     if !t.args.is_empty() {
-        c.insert("args".into(), json!(t.args));
+        m.insert("args".into(), json!(t.args));
     }
     if !t.env.is_empty() {
-        c.insert("env".into(), json!(t.env));
+        m.insert("env".into(), json!(t.env));
     }
     if !t.ports.is_empty() {
-        c.insert("ports".into(), json!(t.ports));
+        m.insert("ports".into(), json!(t.ports));
     }
-    if !resources.requests.is_empty() || !resources.limits.is_empty() {
-        c.insert("resources".into(), json!(resources));
+    (!m.is_empty()).then_some(Value::Object(m))
+}
+
+/// `add` operations turning `old` into the rendered pod: labels and annotations key by key
+/// (whole when the pod has none), the rewritten spec lists whole.
+fn diff_ops(old: &Value, r: Rendered) -> Vec<PatchOp> {
+    // The rendered values move into the operations: nothing is copied twice.
+    let Rendered {
+        labels,
+        annotations,
+        spec: spec_fields,
+        ..
+    } = r;
+    let mut ops = Vec::new();
+    match old.get("metadata").and_then(Value::as_object) {
+        None => ops.push(PatchOp::add(
+            "/metadata".into(),
+            json!({"labels": labels, "annotations": annotations}),
+        )),
+        Some(meta) => {
+            for (k, new) in [("labels", labels), ("annotations", annotations)] {
+                match meta.get(k).and_then(Value::as_object) {
+                    None => ops.push(PatchOp::add(format!("/metadata/{k}"), Value::Object(new))),
+                    Some(m) => {
+                        for (ik, iv) in new {
+                            if m.get(&ik) != Some(&iv) {
+                                ops.push(PatchOp::add(
+                                    format!("/metadata/{k}/{}", escape_token(&ik)),
+                                    iv,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
-    // Pod Security "restricted", field for field; no capability is added (the CNI plugin does
-    // the redirection, so the proxy needs neither NET_ADMIN nor NET_RAW).
-    c.insert(
-        "securityContext".into(),
-        json!({
-            "allowPrivilegeEscalation": false,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": false,
-            "readOnlyRootFilesystem": true,
-            "runAsGroup": gid,
-            "runAsNonRoot": true,
-            "runAsUser": uid,
-            "seccompProfile": {"type": "RuntimeDefault"}
-        }),
-    );
-    Value::Object(c)
+    match old.get("spec").and_then(Value::as_object) {
+        None => ops.push(PatchOp::add(
+            "/spec".into(),
+            Value::Object(
+                spec_fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            ),
+        )),
+        Some(spec) => {
+            for (k, v) in spec_fields {
+                if spec.get(k) != Some(&v) {
+                    ops.push(PatchOp::add(format!("/spec/{k}"), v));
+                }
+            }
+        }
+    }
+    ops
 }
 
 /// Apply `add` operations the way the API server does (RFC 6902 §4.1): the parent must exist;
@@ -489,77 +409,6 @@ mod tests {
         assert_eq!(unescape_token("a~0b~1c"), "a~b/c");
         // `~01` is `~1` literally, not `/`.
         assert_eq!(unescape_token("~01"), "~1");
-    }
-
-    #[test]
-    fn resolved_traffic_annotations_parse_back_to_the_same_spec() {
-        let p = MeshProfile::istio();
-        let mut pod = PodInfo::default();
-        for (k, v) in [
-            ("traffic.sidecar.istio.io/includeInboundPorts", ""),
-            (
-                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-                "10.1.0.0/16, fd00::/8,",
-            ),
-            ("traffic.sidecar.istio.io/excludeInterfaces", "eth1"),
-            ("traffic.sidecar.istio.io/includeOutboundPorts", "3306"),
-        ] {
-            pod.metadata.annotations.insert(k.into(), v.into());
-        }
-        let spec = RedirectSpec::from_pod(&pod, &p).expect("valid");
-        let mut again = PodInfo::default();
-        for (k, v) in traffic_annotations(&spec, &p) {
-            again.metadata.annotations.insert(k.into(), v);
-        }
-        assert_eq!(RedirectSpec::from_pod(&again, &p), Ok(spec));
-    }
-
-    #[test]
-    fn resource_overrides_are_checked() {
-        let p = MeshProfile::istio();
-        let cfg = InjectorConfig::default();
-        let ann = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        let r = resources(
-            &ann(&[
-                ("sidecar.istio.io/proxyCPU", "50m"),
-                ("sidecar.istio.io/proxyMemoryLimit", "2Gi"),
-            ]),
-            &cfg,
-            &p,
-        )
-        .expect("valid");
-        assert_eq!(r.requests["cpu"], "50m");
-        assert_eq!(r.limits["memory"], "2Gi");
-        for (pairs, key, why) in [
-            (
-                vec![("sidecar.istio.io/proxyCPU", "lots")],
-                "sidecar.istio.io/proxyCPU",
-                "quantity",
-            ),
-            (
-                vec![("sidecar.istio.io/proxyCPU", "3")],
-                "sidecar.istio.io/proxyCPU",
-                "limit 2000m",
-            ),
-            (
-                vec![("sidecar.istio.io/proxyMemoryLimit", "64Mi")],
-                "sidecar.istio.io/proxyMemoryLimit",
-                "request 128Mi",
-            ),
-        ] {
-            match resources(&ann(&pairs), &cfg, &p) {
-                Err(Error::InvalidAnnotation { key: k, reason, .. }) => {
-                    assert_eq!(k, key);
-                    assert!(reason.contains(why), "{reason}");
-                }
-                other => panic!("{pairs:?}: {other:?}"),
-            }
-        }
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub fn start(args: &[&str], env: &[(&str, &str)]) -> Injector {
     cmd.args(["--log-level", "info", "serve", "--config"])
         .arg(&config)
         .args(["--listen", "127.0.0.1:0"])
+        // Istio's settings come from the config file here (tests/istio_settings.rs reads
+        // them from the cluster).
+        .arg("--no-istio-config")
         .args(args)
         .env_remove("KUBECONFIG")
         .env_remove("POD_NAMESPACE")

@@ -1,0 +1,1737 @@
+//! Istio's sidecar injection template (the `sidecar` template of
+//! `manifests/charts/istio-control/istio-discovery/files/injection-template.yaml`, Istio
+//! 1.31.0-alpha.0-109-g86c9f01, pinned in README) as Rust, for the istio-cni case and minus
+//! every init container: podwire-cni programs the redirection, so neither `istio-init` nor
+//! `istio-validation` is added.
+//!
+//! Inputs are Istio's own: the `values` of the `istio-sidecar-injector` ConfigMap (Helm values
+//! as installed) and the `mesh` of the `istio` ConfigMap (MeshConfig). [`IstioSettings::resolve`]
+//! reads every key the template reads once, checked, into [`Resolved`]; [`render`] then builds
+//! the injected pod for one pod object. Nothing a pod author writes is pasted into text that is
+//! parsed again: annotation values are checked and placed as JSON strings.
+
+use super::quantity::Quantity;
+use crate::error::{Error, Result};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+/// The proxy container's name in Istio's template (and what the CNI plugin looks for).
+pub const PROXY: &str = "istio-proxy";
+/// `sidecar.istio.io/status`.
+pub const STATUS: &str = "sidecar.istio.io/status";
+/// `proxy.istio.io/overrides`: the pod's own proxy container, kept for re-injection.
+pub const OVERRIDES: &str = "proxy.istio.io/overrides";
+
+/// Per-pod annotations of Istio's template (or injector) that podwire does not apply; each one
+/// present on a pod is named in an AdmissionResponse warning, with why.
+pub const REFUSED_ANNOTATIONS: [(&str, &str); 6] = [
+    (
+        "sidecar.istio.io/capNetBindService",
+        "it runs the proxy as root; podwire keeps the proxy restricted",
+    ),
+    (
+        "sidecar.istio.io/enableCoreDump",
+        "it needs a privileged init container; podwire adds none",
+    ),
+    (
+        "sidecar.istio.io/templates",
+        "podwire renders only Istio's `sidecar` template",
+    ),
+    (
+        "traffic.sidecar.istio.io/kubevirtInterfaces",
+        "podwire-cni does not reroute virtual interfaces",
+    ),
+    (
+        "istio.io/reroute-virtual-interfaces",
+        "podwire-cni does not reroute virtual interfaces",
+    ),
+    (
+        "apm.datadoghq.com/env",
+        "the datadog tracer's per-pod env is not rendered",
+    ),
+];
+
+/// Istio's installed configuration as podwire reads it: the `values` (Helm values of the
+/// `istio-sidecar-injector` ConfigMap) and the `mesh` (MeshConfig of the `istio` ConfigMap).
+#[derive(Debug, Clone, Copy)]
+pub struct IstioSettings<'a> {
+    pub values: &'a Value,
+    pub mesh: &'a Value,
+}
+
+/// Native-sidecar layout selection, as Istio's `ENABLE_NATIVE_SIDECARS` (istiod env, read from
+/// `values.pilot.env`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NativeMode {
+    /// `true`.
+    Enabled,
+    /// `false`.
+    Disabled,
+    /// `auto` (Istio's default): native when every node's kubelet is ≥ 1.33. podwire does not
+    /// watch nodes; it treats `auto` as native (Kubernetes ≥ 1.33, where native sidecars are GA).
+    Auto,
+}
+
+/// Every setting the template reads, checked once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub hub: String,
+    pub tag: String,
+    pub variant: String,
+    pub proxy_image: String,
+    pub image_pull_policy: Option<String>,
+    pub image_pull_secrets: Vec<String>,
+    pub cluster_domain: String,
+    pub log_level: String,
+    pub component_log_level: String,
+    pub agent_log_level: String,
+    pub log_as_json: bool,
+    pub sts_port: i64,
+    pub outlier_log_path: String,
+    pub lifecycle: Option<Value>,
+    pub hold_values: bool,
+    pub pilot_cert_provider: String,
+    pub ca_address: String,
+    pub cluster_name: String,
+    pub network: String,
+    pub mesh_id: String,
+    pub trust_domain: String,
+    pub status_port: String,
+    pub startup_enabled: bool,
+    pub startup_failure_threshold: i64,
+    pub readiness_initial_delay: i64,
+    pub readiness_period: i64,
+    pub readiness_failure_threshold: i64,
+    pub privileged: bool,
+    pub seccomp_profile: Option<Value>,
+    pub resources: Option<Value>,
+    pub ca_name: String,
+    pub sds_audience: String,
+    pub trust_bundle_name: String,
+    pub cluster_trust_bundle: bool,
+    pub crl_config_map: String,
+    pub mount_mtls_certs: bool,
+    pub cni_enabled: bool,
+    pub revision: String,
+    pub native: NativeMode,
+    pub rewrite_app_probe: bool,
+    pub include_ip_ranges: String,
+    pub exclude_ip_ranges: String,
+    pub include_inbound_ports: String,
+    pub exclude_inbound_ports: String,
+    pub include_outbound_ports: String,
+    pub exclude_outbound_ports: String,
+    pub injected_annotations: BTreeMap<String, String>,
+    /// MeshConfig `defaultConfig` (ProxyConfig), as written.
+    pub default_config: Value,
+    pub mesh_trust_domain: String,
+    pub prometheus_merge: bool,
+    pub inbound_localhost: bool,
+}
+
+fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .filter(|v| !v.is_null())
+}
+
+fn bad(field: String, reason: &str) -> Error {
+    Error::InvalidConfig {
+        field,
+        reason: reason.to_string(),
+    }
+}
+
+/// Typed look-ups with the chart's defaults; a value of the wrong type is an error naming it.
+struct Reader<'a> {
+    root: &'a Value,
+    prefix: &'static str,
+}
+
+impl Reader<'_> {
+    fn field(&self, path: &str) -> String {
+        format!("{}.{path}", self.prefix)
+    }
+    /// Strings as Helm prints them: numbers and booleans are accepted (`tag: 1.24`).
+    fn s(&self, path: &str, default: &str) -> Result<String> {
+        match at(self.root, path) {
+            None => Ok(default.to_string()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(Value::Bool(b)) => Ok(b.to_string()),
+            Some(_) => Err(bad(self.field(path), "expected a string")),
+        }
+    }
+    fn b(&self, path: &str, default: bool) -> Result<bool> {
+        match at(self.root, path) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(Value::String(s)) if s == "true" || s == "false" => Ok(s == "true"),
+            Some(_) => Err(bad(self.field(path), "expected true or false")),
+        }
+    }
+    fn n(&self, path: &str, default: i64) -> Result<i64> {
+        match at(self.root, path) {
+            None => Ok(default),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .ok_or_else(|| bad(self.field(path), "expected an integer")),
+            Some(Value::String(s)) => s
+                .trim()
+                .parse()
+                .map_err(|_| bad(self.field(path), "expected an integer")),
+            Some(_) => Err(bad(self.field(path), "expected an integer")),
+        }
+    }
+    fn obj(&self, path: &str) -> Result<Option<Value>> {
+        match at(self.root, path) {
+            None => Ok(None),
+            Some(Value::Object(m)) if m.is_empty() => Ok(None),
+            Some(v @ Value::Object(_)) => Ok(Some(v.clone())),
+            Some(_) => Err(bad(self.field(path), "expected a mapping")),
+        }
+    }
+}
+
+/// Drop nulls inside a mapping (Helm's `omitNil`), recursively.
+fn omit_nil(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), omit_nil(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+impl IstioSettings<'_> {
+    /// Read and check every setting the template uses; the first problem names its key.
+    pub fn resolve(&self) -> Result<Resolved> {
+        for (doc, name) in [(self.values, "values"), (self.mesh, "mesh")] {
+            if !(doc.is_object() || doc.is_null()) {
+                return Err(bad(name.into(), "expected a mapping"));
+            }
+        }
+        let v = Reader {
+            root: self.values,
+            prefix: "values",
+        };
+        let m = Reader {
+            root: self.mesh,
+            prefix: "mesh",
+        };
+        let revision = v.s("revision", "")?;
+        let namespace = v.s("global.istioNamespace", "istio-system")?;
+        let ca_address = match v.s("global.caAddress", "")? {
+            a if !a.is_empty() => a,
+            _ if revision.is_empty() => format!("istiod.{namespace}.svc:15012"),
+            _ => format!("istiod-{revision}.{namespace}.svc:15012"),
+        };
+        let native = match v.s("pilot.env.ENABLE_NATIVE_SIDECARS", "auto")?.as_str() {
+            "true" => NativeMode::Enabled,
+            "false" => NativeMode::Disabled,
+            "auto" => NativeMode::Auto,
+            _ => {
+                return Err(bad(
+                    "values.pilot.env.ENABLE_NATIVE_SIDECARS".into(),
+                    "expected true, false or auto",
+                ))
+            }
+        };
+        let resources = match at(self.values, "global.proxy.resources") {
+            // The chart's default (values.yaml of istio-discovery).
+            None if self.values.pointer("/global/proxy/resources").is_none() => Some(json!({
+                "requests": {"cpu": "100m", "memory": "128Mi"},
+                "limits": {"cpu": "2000m", "memory": "1024Mi"},
+            })),
+            // Set to null on purpose (Istio's proxy-resources-null case): none.
+            None => None,
+            Some(r @ Value::Object(_)) => {
+                let r = omit_nil(r);
+                for kind in ["requests", "limits"] {
+                    if let Some(Value::Object(map)) = r.get(kind) {
+                        for (res, q) in map {
+                            let text = match q {
+                                Value::String(s) => s.clone(),
+                                Value::Number(n) => n.to_string(),
+                                _ => String::new(),
+                            };
+                            Quantity::parse(&text).map_err(|why| {
+                                bad(
+                                    format!("values.global.proxy.resources.{kind}.{res}"),
+                                    &format!("{q}: {why}"),
+                                )
+                            })?;
+                        }
+                    }
+                }
+                Some(r)
+            }
+            Some(_) => {
+                return Err(bad(
+                    "values.global.proxy.resources".into(),
+                    "expected a mapping",
+                ))
+            }
+        };
+        let mut injected_annotations = BTreeMap::new();
+        if let Some(Value::Object(map)) = v.obj("sidecarInjectorWebhook.injectedAnnotations")? {
+            for (k, val) in map {
+                let Value::String(s) = val else {
+                    return Err(bad(
+                        format!("values.sidecarInjectorWebhook.injectedAnnotations.{k}"),
+                        "expected a string",
+                    ));
+                };
+                injected_annotations.insert(k, s);
+            }
+        }
+        let image_pull_secrets = match at(self.values, "global.imagePullSecrets") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|s| match s {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(bad(
+                        "values.global.imagePullSecrets".into(),
+                        "expected a list of names",
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => {
+                return Err(bad(
+                    "values.global.imagePullSecrets".into(),
+                    "expected a list of names",
+                ))
+            }
+        };
+        let default_config = match at(self.mesh, "defaultConfig") {
+            None => json!({}),
+            Some(c @ Value::Object(_)) => c.clone(),
+            Some(_) => return Err(bad("mesh.defaultConfig".into(), "expected a mapping")),
+        };
+        let mesh_trust_domain = m.s("trustDomain", "cluster.local")?;
+        let inbound_localhost = m.s("inboundTrafficPolicy.mode", "PASSTHROUGH")? == "LOCALHOST";
+        let image_pull_policy = Some(v.s("global.imagePullPolicy", "")?).filter(|p| !p.is_empty());
+        let r = Resolved {
+            hub: v.s("global.hub", "docker.io/istio")?,
+            tag: v.s("global.tag", "1.28.0")?,
+            variant: v.s("global.variant", "")?,
+            proxy_image: v.s("global.proxy.image", "proxyv2")?,
+            image_pull_policy,
+            image_pull_secrets,
+            cluster_domain: v.s("global.proxy.clusterDomain", "cluster.local")?,
+            log_level: v.s("global.proxy.logLevel", "warning")?,
+            component_log_level: v.s("global.proxy.componentLogLevel", "misc:error")?,
+            agent_log_level: v.s("global.logging.level", "default:info")?,
+            log_as_json: v.b("global.logAsJson", false)?,
+            sts_port: v.n("global.sts.servicePort", 0)?,
+            outlier_log_path: v.s("global.proxy.outlierLogPath", "")?,
+            lifecycle: v.obj("global.proxy.lifecycle")?,
+            hold_values: v.b("global.proxy.holdApplicationUntilProxyStarts", false)?,
+            pilot_cert_provider: v.s("global.pilotCertProvider", "istiod")?,
+            ca_address,
+            cluster_name: v.s("global.multiCluster.clusterName", "")?,
+            network: v.s("global.network", "")?,
+            mesh_id: v.s("global.meshID", "")?,
+            trust_domain: v.s("global.trustDomain", "")?,
+            status_port: v.n("global.proxy.statusPort", 15020)?.to_string(),
+            startup_enabled: v.b("global.proxy.startupProbe.enabled", true)?,
+            startup_failure_threshold: v.n("global.proxy.startupProbe.failureThreshold", 600)?,
+            readiness_initial_delay: v.n("global.proxy.readinessInitialDelaySeconds", 0)?,
+            readiness_period: v.n("global.proxy.readinessPeriodSeconds", 15)?,
+            readiness_failure_threshold: v.n("global.proxy.readinessFailureThreshold", 4)?,
+            privileged: v.b("global.proxy.privileged", false)?,
+            seccomp_profile: v.obj("global.proxy.seccompProfile")?,
+            resources,
+            ca_name: v.s("global.caName", "")?,
+            sds_audience: v.s("global.sds.token.aud", "istio-ca")?,
+            trust_bundle_name: v.s("global.trustBundleName", "")?,
+            cluster_trust_bundle: v.b("pilot.env.ENABLE_CLUSTER_TRUST_BUNDLE_API", false)?,
+            crl_config_map: v.s("pilot.crlConfigMapName", "")?,
+            mount_mtls_certs: v.b("global.mountMtlsCerts", false)?,
+            cni_enabled: v.b("pilot.cni.enabled", false)?,
+            revision,
+            native,
+            rewrite_app_probe: v.b("sidecarInjectorWebhook.rewriteAppHTTPProbe", true)?,
+            include_ip_ranges: v.s("global.proxy.includeIPRanges", "*")?,
+            exclude_ip_ranges: v.s("global.proxy.excludeIPRanges", "")?,
+            include_inbound_ports: v.s("global.proxy.includeInboundPorts", "*")?,
+            exclude_inbound_ports: v.s("global.proxy.excludeInboundPorts", "")?,
+            include_outbound_ports: v.s("global.proxy.includeOutboundPorts", "")?,
+            exclude_outbound_ports: v.s("global.proxy.excludeOutboundPorts", "")?,
+            injected_annotations,
+            default_config,
+            mesh_trust_domain,
+            prometheus_merge: m.b("enablePrometheusMerge", true)?,
+            inbound_localhost,
+        };
+        for (field, text) in [
+            ("values.global.hub", &r.hub),
+            ("values.global.tag", &r.tag),
+            ("values.global.proxy.image", &r.proxy_image),
+        ] {
+            if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(
+                    field.into(),
+                    "must be non-empty, without spaces (the proxy image is built from it)",
+                ));
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// The workload a pod belongs to, as Istio names it (`ISTIO_META_WORKLOAD_NAME`,
+/// `ISTIO_META_OWNER`, the canonical-name fallback).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl Workload {
+    /// From the pod itself, as Istio's webhook does: the controller owner reference when the
+    /// name is generated (a ReplicaSet with `pod-template-hash` is its Deployment, a Job named
+    /// `<cron>-<8..10 digits>` its CronJob), else the pod.
+    pub fn from_pod(pod: &Value) -> Workload {
+        let meta = pod.get("metadata");
+        let text = |k: &str| {
+            meta.and_then(|m| m.get(k))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let label = |k: &str| {
+            meta.and_then(|m| m.get("labels"))
+                .and_then(|l| l.get(k))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let mut w = Workload {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: text("name"),
+            namespace: text("namespace"),
+        };
+        if !text("generateName").is_empty() {
+            let owner = meta
+                .and_then(|m| m.get("ownerReferences"))
+                .and_then(Value::as_array)
+                .and_then(|refs| {
+                    refs.iter()
+                        .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+                });
+            if let Some(o) = owner {
+                let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                w.api_version = s("apiVersion");
+                w.kind = s("kind");
+                w.name = s("name");
+                let hash = label("pod-template-hash");
+                if w.kind == "ReplicaSet" && !hash.is_empty() && w.name.ends_with(&hash) {
+                    if let Some(n) = w.name.strip_suffix(&format!("-{hash}")) {
+                        w.name = n.to_string();
+                        w.kind = "Deployment".into();
+                    }
+                } else if w.kind == "ReplicationController" && !label("deploymentconfig").is_empty()
+                {
+                    w.name = label("deploymentconfig");
+                    w.kind = "DeploymentConfig".into();
+                } else if w.kind == "Job" {
+                    if let Some((cron, digits)) = w.name.rsplit_once('-') {
+                        if (8..=10).contains(&digits.len())
+                            && digits.bytes().all(|b| b.is_ascii_digit())
+                        {
+                            w.name = cron.to_string();
+                            w.kind = "CronJob".into();
+                            w.api_version = "batch/v1".into();
+                        }
+                    }
+                }
+            }
+        }
+        if w.name.is_empty() {
+            w.name = text("name");
+        }
+        w
+    }
+}
+
+/// What [`render`] produced: the injected pod's labels, annotations and rewritten spec
+/// fields (everything else stays as sent), and anything the author should hear about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub labels: Map<String, Value>,
+    pub annotations: Map<String, Value>,
+    /// `containers`, `initContainers`, `volumes`, `imagePullSecrets` as they become.
+    pub spec: Vec<(&'static str, Value)>,
+    pub warnings: Vec<String>,
+    pub native: bool,
+}
+
+impl Rendered {
+    /// The injected pod's proxy container.
+    pub fn proxy(&self, name: &str) -> Option<&Value> {
+        self.spec
+            .iter()
+            .filter(|(k, _)| *k == "containers" || *k == "initContainers")
+            .filter_map(|(_, v)| v.as_array())
+            .flatten()
+            .find(|c| name_of(c) == name)
+    }
+}
+
+/// podwire's own overrides of the proxy container (the config file's `proxy` section).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub name: String,
+    pub image: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    /// A partial container merged over the template (imagePullPolicy, args, env, ports,
+    /// resources as given in the config file).
+    pub container: Option<Value>,
+}
+
+fn ann<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    a.get(k).and_then(Value::as_str)
+}
+
+fn invalid(key: &str, value: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidAnnotation {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A value placed in an argument or env var: printable, no spaces, bounded.
+fn check_word(annotations: &Map<String, Value>, key: &str, extra: &str) -> Result<()> {
+    if let Some(v) = ann(annotations, key) {
+        let ok = !v.is_empty()
+            && v.len() <= 256
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:,".contains(c) || extra.contains(c));
+        if !ok {
+            return Err(invalid(
+                key,
+                v,
+                "only letters, digits and - _ . : , are allowed here",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_int(annotations: &Map<String, Value>, key: &str, max: i64) -> Result<Option<i64>> {
+    match ann(annotations, key) {
+        None => Ok(None),
+        Some(v) => match v.trim().parse::<i64>() {
+            Ok(n) if (0..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(invalid(key, v, format!("expected an integer 0-{max}"))),
+        },
+    }
+}
+
+fn check_bool(annotations: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    match ann(annotations, key) {
+        None => Ok(None),
+        // Go's strconv.ParseBool, which Istio uses for these.
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(Some(true)),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(Some(false)),
+        Some(v) => Err(invalid(key, v, "expected true or false")),
+    }
+}
+
+/// Strategic merge of a partial object over another, as the API server's strategic merge
+/// patch does for a Container: mappings merge, the lists Kubernetes merges by key (`env` by
+/// name, `ports` by containerPort, `volumeMounts` by mountPath) merge by key, other lists and
+/// scalars are replaced.
+pub fn merge_over(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, ov) in o {
+                let key = match k.as_str() {
+                    "env" => Some("name"),
+                    "ports" => Some("containerPort"),
+                    "volumeMounts" => Some("mountPath"),
+                    "volumeDevices" => Some("devicePath"),
+                    _ => None,
+                };
+                match (b.get_mut(k), key, ov) {
+                    (Some(Value::Array(ba)), Some(key), Value::Array(oa)) => {
+                        for item in oa {
+                            let id = item.get(key);
+                            match ba.iter_mut().find(|x| id.is_some() && x.get(key) == id) {
+                                Some(x) => merge_over(x, item),
+                                None => ba.push(item.clone()),
+                            }
+                        }
+                    }
+                    (Some(bv @ Value::Object(_)), _, Value::Object(_)) => merge_over(bv, ov),
+                    _ => {
+                        b.insert(k.clone(), ov.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// Merge a ProxyConfig fragment (mesh defaults, then `proxy.istio.io/config`) as Istio's
+/// proto merge does: messages and maps merge, lists and scalars are replaced.
+fn merge_proxy_config(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, ov) in o {
+                match b.get_mut(k) {
+                    Some(bv @ Value::Object(_)) if ov.is_object() => merge_proxy_config(bv, ov),
+                    _ => {
+                        b.insert(k.clone(), ov.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// Istio's `cleanProxyConfig`: the fields equal to the proxy's own defaults are left out of
+/// `PROXY_CONFIG` (the agent applies them anyway).
+fn clean_proxy_config(pc: &Value) -> Value {
+    let Value::Object(m) = pc else {
+        return json!({});
+    };
+    let default_of = |k: &str| -> Option<Value> {
+        Some(match k {
+            "configPath" => json!("./etc/istio/proxy"),
+            "binaryPath" => json!("/usr/local/bin/envoy"),
+            "controlPlaneAuthPolicy" => json!("MUTUAL_TLS"),
+            "serviceCluster" => json!("istio-proxy"),
+            "drainDuration" => json!("45s"),
+            "terminationDrainDuration" => json!("5s"),
+            "discoveryAddress" => json!("istiod.istio-system.svc:15012"),
+            "envoyMetricsService" => json!({}),
+            "envoyAccessLogService" => json!({}),
+            "tracing" => json!({"zipkin": {"address": "zipkin.istio-system:9411"}}),
+            "proxyAdminPort" => json!(15000),
+            "statNameLength" => json!(189),
+            "statusPort" => json!(15020),
+            "concurrency" => json!(2),
+            "proxyMetadata" => json!({}),
+            _ => return None,
+        })
+    };
+    Value::Object(
+        m.iter()
+            .filter(|(k, v)| default_of(k).as_ref() != Some(v) && !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// Istio's `excludeInboundPort`: the status port added to the excluded inbound ports.
+fn exclude_inbound_port(port: &str, excluded: &str) -> String {
+    let port = port.trim();
+    if port.is_empty() || port == "0" {
+        return excluded.to_string();
+    }
+    let mut out = Vec::new();
+    for p in excluded.split(',') {
+        if p == port {
+            return excluded.to_string();
+        }
+        let p = p.trim();
+        if !p.is_empty() {
+            out.push(p.to_string());
+        }
+    }
+    out.push(port.to_string());
+    out.join(",")
+}
+
+fn trim_canonical(s: &str) -> String {
+    let t: String = s.chars().take(63).collect();
+    t.trim_matches(|c| c == '-' || c == '_' || c == '.')
+        .to_string()
+}
+
+/// Go's `encoding/json` shape of a ContainerPort (field order name, hostPort, containerPort,
+/// protocol, hostIP; empty fields left out), as Istio's `structToJSON` writes it.
+fn port_json(p: &Value) -> Option<String> {
+    let mut parts = Vec::new();
+    let str_field = |k: &str| p.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let int_field = |k: &str| p.get(k).and_then(Value::as_i64).filter(|n| *n != 0);
+    if let Some(n) = str_field("name") {
+        parts.push(format!("\"name\":{}", Value::String(n.into())));
+    }
+    if let Some(n) = int_field("hostPort") {
+        parts.push(format!("\"hostPort\":{n}"));
+    }
+    parts.push(format!(
+        "\"containerPort\":{}",
+        p.get("containerPort").and_then(Value::as_i64).unwrap_or(0)
+    ));
+    if let Some(n) = str_field("protocol") {
+        parts.push(format!("\"protocol\":{}", Value::String(n.into())));
+    }
+    if let Some(n) = str_field("hostIP") {
+        parts.push(format!("\"hostIP\":{}", Value::String(n.into())));
+    }
+    Some(format!("{{{}}}", parts.join(",")))
+}
+
+fn env(name: &str, value: impl Into<String>) -> Value {
+    json!({"name": name, "value": value.into()})
+}
+
+fn env_field(name: &str, path: &str) -> Value {
+    json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
+}
+
+fn env_resource(name: &str, resource: &str) -> Value {
+    json!({"name": name, "valueFrom": {"resourceFieldRef": {"resource": resource, "divisor": "1"}}})
+}
+
+fn containers(spec: &Value, key: &str) -> Vec<Value> {
+    // Only the lists injection rewrites are copied.
+    spec.get(key)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn name_of(c: &Value) -> &str {
+    c.get("name").and_then(Value::as_str).unwrap_or("")
+}
+
+/// Render Istio's sidecar for `pod` (a Pod object as the API server sends it, or a pod
+/// template with its metadata). Checks every annotation the template reads before using it.
+pub fn render(
+    pod: &Value,
+    workload: &Workload,
+    s: &Resolved,
+    o: &Overrides,
+    extra_annotations: &BTreeMap<String, String>,
+) -> Result<Rendered> {
+    let empty = Map::new();
+    if !pod.is_object() {
+        return Err(Error::InvalidPod {
+            reason: "expected an object".into(),
+        });
+    }
+    // Borrowed from the pod; copied once each, into what the pod's maps become.
+    let a: &Map<String, Value> = pod
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let labels: &Map<String, Value> = pod
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let label = |k: &str| {
+        labels
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let mut warnings = Vec::new();
+
+    // Every annotation value the template places somewhere is checked first.
+    for key in [
+        "sidecar.istio.io/logLevel",
+        "sidecar.istio.io/componentLogLevel",
+        "sidecar.istio.io/agentLogLevel",
+        "sidecar.istio.io/proxyImageType",
+        "sidecar.istio.io/interceptionMode",
+    ] {
+        check_word(a, key, "")?;
+    }
+    check_word(a, "sidecar.istio.io/proxyImage", "/@+")?;
+    check_word(a, "sidecar.istio.io/bootstrapOverride", "")?;
+    let status_port_ann = check_int(a, "status.sidecar.istio.io/port", 65535)?;
+    let ready_delay = check_int(
+        a,
+        "readiness.status.sidecar.istio.io/initialDelaySeconds",
+        86400,
+    )?;
+    let ready_period = check_int(a, "readiness.status.sidecar.istio.io/periodSeconds", 86400)?;
+    let ready_failure = check_int(
+        a,
+        "readiness.status.sidecar.istio.io/failureThreshold",
+        100000,
+    )?;
+    let native_ann = check_bool(a, "sidecar.istio.io/nativeSidecar")?;
+    let rewrite_ann = check_bool(a, "sidecar.istio.io/rewriteAppHTTPProbers")?;
+    let merge_ann = check_bool(a, "prometheus.istio.io/merge-metrics")?;
+    for (k, why) in REFUSED_ANNOTATIONS {
+        if a.contains_key(k) {
+            warnings.push(format!("annotation {k} is ignored: {why}"));
+        }
+    }
+
+    // ProxyConfig: mesh defaults, then the pod's proxy.istio.io/config.
+    let mut pc = s.default_config.clone();
+    if let Some(text) = ann(a, "proxy.istio.io/config") {
+        let parsed: Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| invalid("proxy.istio.io/config", text, format!("not YAML: {e}")))?;
+        if !(parsed.is_object() || parsed.is_null()) {
+            return Err(invalid(
+                "proxy.istio.io/config",
+                text,
+                "expected a ProxyConfig mapping",
+            ));
+        }
+        merge_proxy_config(&mut pc, &parsed);
+    }
+    let pc_str = |k: &str| pc.get(k).and_then(Value::as_str).unwrap_or("");
+    let interception = ann(a, "sidecar.istio.io/interceptionMode")
+        .map(str::to_string)
+        .unwrap_or_else(|| match pc_str("interceptionMode") {
+            "" => "REDIRECT".to_string(),
+            m => m.to_string(),
+        });
+    let metadata: BTreeMap<String, String> = match pc.get("proxyMetadata") {
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    let hold_pc = pc
+        .get("holdApplicationUntilProxyStarts")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let native = match native_ann {
+        Some(n) => n,
+        None => s.native != NativeMode::Disabled,
+    };
+    let hold = (hold_pc || s.hold_values) && !native;
+    let status_port = status_port_ann
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| s.status_port.clone());
+
+    let no_spec = json!({});
+    // Borrowed: a pod's unknown fields can be large, and are never copied.
+    let spec = pod
+        .get("spec")
+        .filter(|s| s.is_object())
+        .unwrap_or(&no_spec);
+    let mut app = containers(spec, "containers");
+    let mut inits = containers(spec, "initContainers");
+    // The pod's own istio-proxy (customisation), taken out: it is merged over the template.
+    let mut own: Option<Value> = None;
+    for list in [&mut app, &mut inits] {
+        if let Some(i) = list.iter().position(|c| name_of(c) == o.name) {
+            own = Some(list.remove(i));
+        }
+    }
+    // A pod's own istio-init / istio-validation customises Istio's init containers, which
+    // podwire replaces by podwire-cni: dropped, and said.
+    inits.retain(|c| {
+        let n = name_of(c);
+        let istio_init = n == "istio-init" || n == "istio-validation";
+        if istio_init {
+            warnings.push(format!(
+                "init container {n} is dropped: it customises Istio's {n}, which podwire \
+                 replaces by podwire-cni"
+            ));
+        }
+        !istio_init
+    });
+    let app_names: Vec<String> = app.iter().map(|c| name_of(c).to_string()).collect();
+
+    // Image.
+    let image_type = ann(a, "sidecar.istio.io/proxyImageType")
+        .map(str::to_string)
+        .or_else(|| {
+            pc.pointer("/image/imageType")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| s.variant.clone());
+    let proxy_image_setting = ann(a, "sidecar.istio.io/proxyImage").unwrap_or(&s.proxy_image);
+    let image = if let Some(i) = &o.image {
+        i.clone()
+    } else if proxy_image_setting.contains('/') {
+        proxy_image_setting.to_string()
+    } else {
+        let mut tag = s.tag.clone();
+        if !image_type.is_empty() {
+            for known in ["distroless", "debug"] {
+                if let Some(t) = tag.strip_suffix(&format!("-{known}")) {
+                    tag = t.to_string();
+                    break;
+                }
+            }
+            if image_type != "default" {
+                tag = format!("{tag}-{image_type}");
+            }
+        }
+        format!("{}/{}:{}", s.hub, s.proxy_image, tag)
+    };
+
+    // Args.
+    let level = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
+    let mut args = vec![
+        json!("proxy"),
+        json!("sidecar"),
+        json!("--domain"),
+        json!(format!("$(POD_NAMESPACE).svc.{}", s.cluster_domain)),
+        json!(format!(
+            "--proxyLogLevel={}",
+            level("sidecar.istio.io/logLevel", &s.log_level)
+        )),
+        json!(format!(
+            "--proxyComponentLogLevel={}",
+            level("sidecar.istio.io/componentLogLevel", &s.component_log_level)
+        )),
+        json!(format!(
+            "--log_output_level={}",
+            level("sidecar.istio.io/agentLogLevel", &s.agent_log_level)
+        )),
+    ];
+    if s.sts_port != 0 {
+        args.push(json!(format!("--stsPort={}", s.sts_port)));
+    }
+    if s.log_as_json {
+        args.push(json!("--log_as_json"));
+    }
+    if !s.outlier_log_path.is_empty() {
+        args.push(json!(format!("--outlierLogPath={}", s.outlier_log_path)));
+    }
+
+    // Env, in the template's order.
+    let network = label("topology.istio.io/network")
+        .map(str::to_string)
+        .unwrap_or_else(|| s.network.clone());
+    let mut envs = Vec::new();
+    if s.inbound_localhost {
+        envs.push(env("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "true"));
+    }
+    envs.push(env("PILOT_CERT_PROVIDER", &s.pilot_cert_provider));
+    envs.push(env("CA_ADDR", &s.ca_address));
+    envs.push(env_field("POD_NAME", "metadata.name"));
+    envs.push(env_field("POD_NAMESPACE", "metadata.namespace"));
+    envs.push(env_field("INSTANCE_IP", "status.podIP"));
+    envs.push(env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"));
+    envs.push(env_field("HOST_IP", "status.hostIP"));
+    envs.push(env_resource("ISTIO_CPU_LIMIT", "limits.cpu"));
+    envs.push(env(
+        "PROXY_CONFIG",
+        format!("{}\n", clean_proxy_config(&pc)),
+    ));
+    let mut ports_text = String::from("[");
+    let mut first = true;
+    for c in &app {
+        for p in c
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(j) = port_json(p) {
+                ports_text.push_str("\n    ");
+                if !first {
+                    ports_text.push(',');
+                }
+                ports_text.push_str(&j);
+                first = false;
+            }
+        }
+    }
+    ports_text.push_str("\n]");
+    envs.push(env("ISTIO_META_POD_PORTS", ports_text));
+    envs.push(env("ISTIO_META_APP_CONTAINERS", app_names.join(",")));
+    envs.push(env_resource("GOMEMLIMIT", "limits.memory"));
+    if s.cluster_name.is_empty() {
+        envs.push(env("ISTIO_META_CLUSTER_ID", "Kubernetes"));
+    }
+    envs.push(env_field("ISTIO_META_NODE_NAME", "spec.nodeName"));
+    envs.push(env("ISTIO_META_INTERCEPTION_MODE", &interception));
+    let workload_name = label("service.istio.io/workload-name").unwrap_or(&workload.name);
+    if !workload_name.is_empty() {
+        envs.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
+    }
+    if !workload.api_version.is_empty() && !workload.name.is_empty() {
+        let ns = if workload.namespace.is_empty() {
+            "default"
+        } else {
+            &workload.namespace
+        };
+        envs.push(env(
+            "ISTIO_META_OWNER",
+            format!(
+                "kubernetes://apis/{}/namespaces/{ns}/{}s/{}",
+                workload.api_version,
+                workload.kind.to_lowercase(),
+                workload.name
+            ),
+        ));
+    }
+    let bootstrap = ann(a, "sidecar.istio.io/bootstrapOverride");
+    if bootstrap.is_some() {
+        envs.push(env(
+            "ISTIO_BOOTSTRAP_OVERRIDE",
+            "/etc/istio/custom-bootstrap/custom_bootstrap.json",
+        ));
+    }
+    let trust_domain = if s.mesh_trust_domain.is_empty() {
+        s.trust_domain.clone()
+    } else {
+        s.mesh_trust_domain.clone()
+    };
+    if !s.mesh_id.is_empty() {
+        envs.push(env("ISTIO_META_MESH_ID", &s.mesh_id));
+    } else if !trust_domain.is_empty() {
+        envs.push(env("ISTIO_META_MESH_ID", &trust_domain));
+    }
+    if !trust_domain.is_empty() {
+        envs.push(env("TRUST_DOMAIN", &trust_domain));
+    }
+    for (k, v) in &metadata {
+        envs.push(env(k, v));
+    }
+    // Istio moves the cluster id and network it resolved to the end, sorted.
+    if !s.cluster_name.is_empty() {
+        envs.push(env("ISTIO_META_CLUSTER_ID", &s.cluster_name));
+    }
+    if !network.is_empty() {
+        envs.push(env("ISTIO_META_NETWORK", &network));
+    }
+
+    // The container.
+    let mut c = Map::new();
+    c.insert("name".into(), json!(o.name));
+    c.insert("image".into(), json!(image));
+    if native {
+        c.insert("restartPolicy".into(), json!("Always"));
+    }
+    c.insert(
+        "ports".into(),
+        json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
+    );
+    c.insert("args".into(), Value::Array(args));
+    if let Some(l) = &s.lifecycle {
+        c.insert("lifecycle".into(), l.clone());
+    } else if hold {
+        c.insert(
+            "lifecycle".into(),
+            json!({"postStart": {"exec": {"command": ["pilot-agent", "wait"]}}}),
+        );
+    } else if native {
+        c.insert(
+            "lifecycle".into(),
+            json!({"preStop": {"exec": {"command": [
+                "pilot-agent", "request", format!("--debug-port={status_port}"), "POST", "drain"
+            ]}}}),
+        );
+    }
+    if let Some(p) = &s.image_pull_policy {
+        c.insert("imagePullPolicy".into(), json!(p));
+    }
+    if status_port != "0" {
+        let ready = json!({
+            "httpGet": {"path": "/healthz/ready", "port": 15021},
+            "initialDelaySeconds": ready_delay.unwrap_or(s.readiness_initial_delay),
+            "periodSeconds": ready_period.unwrap_or(s.readiness_period),
+            "timeoutSeconds": 3,
+            "failureThreshold": ready_failure.unwrap_or(s.readiness_failure_threshold),
+        });
+        c.insert("readinessProbe".into(), drop_zero(ready));
+        if s.startup_enabled {
+            c.insert(
+                "startupProbe".into(),
+                json!({
+                    "httpGet": {"path": "/healthz/ready", "port": 15021},
+                    "periodSeconds": 1,
+                    "timeoutSeconds": 3,
+                    "failureThreshold": s.startup_failure_threshold,
+                }),
+            );
+        }
+    }
+    let mut sc = json!({
+        "allowPrivilegeEscalation": s.privileged,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": s.privileged,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": o.uid,
+        "runAsGroup": o.gid,
+    });
+    // Pod Security "restricted" needs a seccomp profile on every container unless the pod
+    // sets one: RuntimeDefault when Istio's values name none.
+    match &s.seccomp_profile {
+        Some(p) => sc["seccompProfile"] = p.clone(),
+        None if pod
+            .pointer("/spec/securityContext/seccompProfile")
+            .is_none() =>
+        {
+            sc["seccompProfile"] = json!({"type": "RuntimeDefault"});
+        }
+        None => {}
+    }
+    c.insert("securityContext".into(), sc);
+    c.insert("resources".into(), proxy_resources(a, s)?);
+    let mut mounts = vec![
+        json!({"name": "workload-socket", "mountPath": "/var/run/secrets/workload-spiffe-uds"}),
+        json!({"name": "credential-socket", "mountPath": "/var/run/secrets/credential-uds"}),
+    ];
+    if s.ca_name == "GkeWorkloadCertificate" {
+        mounts.push(json!({"name": "gke-workload-certificate", "mountPath": "/var/run/secrets/workload-spiffe-credentials", "readOnly": true}));
+    } else {
+        mounts.push(json!({"name": "workload-certs", "mountPath": "/var/run/secrets/workload-spiffe-credentials"}));
+    }
+    if s.pilot_cert_provider == "istiod" {
+        mounts.push(json!({"mountPath": "/var/run/secrets/istio", "name": "istiod-ca-cert"}));
+        mounts.push(json!({"mountPath": "/var/run/secrets/istio/crl", "name": "istio-ca-crl"}));
+    }
+    mounts.push(json!({"mountPath": "/var/lib/istio/data", "name": "istio-data"}));
+    if bootstrap.is_some() {
+        mounts.push(
+            json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"}),
+        );
+    }
+    mounts.push(json!({"mountPath": "/etc/istio/proxy", "name": "istio-envoy"}));
+    mounts.push(json!({"mountPath": "/var/run/secrets/tokens", "name": "istio-token"}));
+    if s.mount_mtls_certs {
+        mounts.push(json!({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": true}));
+    }
+    mounts.push(json!({"name": "istio-podinfo", "mountPath": "/etc/istio/pod"}));
+    for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")? {
+        let mut m = m;
+        m["name"] = json!(name);
+        mounts.push(m);
+    }
+    c.insert("volumeMounts".into(), Value::Array(mounts));
+
+    // Volumes.
+    let mut volumes = vec![
+        json!({"name": "workload-socket", "emptyDir": {}}),
+        json!({"name": "credential-socket", "emptyDir": {}}),
+    ];
+    if s.ca_name == "GkeWorkloadCertificate" {
+        volumes.push(json!({"name": "gke-workload-certificate", "csi": {"driver": "workloadcertificates.security.cloud.google.com"}}));
+    } else {
+        volumes.push(json!({"name": "workload-certs", "emptyDir": {}}));
+    }
+    if let Some(b) = bootstrap {
+        volumes.push(json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}));
+    }
+    volumes.push(json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}}));
+    volumes.push(json!({"name": "istio-data", "emptyDir": {}}));
+    volumes.push(json!({"name": "istio-podinfo", "downwardAPI": {"items": [
+        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+    ]}}));
+    volumes.push(json!({"name": "istio-token", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "istio-token", "expirationSeconds": 43200, "audience": s.sds_audience}}
+    ]}}));
+    let bundle = if s.trust_bundle_name.is_empty() {
+        None
+    } else {
+        Some(s.trust_bundle_name.as_str())
+    };
+    if s.pilot_cert_provider == "istiod" {
+        if s.cluster_trust_bundle {
+            volumes.push(
+                json!({"name": "istiod-ca-cert", "projected": {"sources": [{"clusterTrustBundle": {
+                "name": format!("istio.io:istiod-ca:{}", bundle.unwrap_or("root-cert")),
+                "path": "root-cert.pem"}}]}}),
+            );
+        } else {
+            volumes.push(json!({"name": "istiod-ca-cert", "configMap": {"name": bundle.unwrap_or("istio-ca-root-cert")}}));
+        }
+    }
+    let crl = if s.crl_config_map.is_empty() {
+        "istio-ca-crl"
+    } else {
+        &s.crl_config_map
+    };
+    volumes.push(json!({"name": "istio-ca-crl", "configMap": {"name": crl, "optional": true}}));
+    if s.mount_mtls_certs {
+        let sa = spec
+            .get("serviceAccountName")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        volumes.push(json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}));
+    }
+    for (name, v) in user_map(a, "sidecar.istio.io/userVolume")? {
+        let mut v = v;
+        v["name"] = json!(name);
+        volumes.push(v);
+    }
+
+    let mut proxy = Value::Object(c);
+    proxy
+        .as_object_mut()
+        .map(|m| m.insert("env".into(), Value::Array(envs)));
+    // podwire's config file, then the pod's own container, over the template.
+    if let Some(cfg) = &o.container {
+        merge_over(&mut proxy, cfg);
+    }
+    let mut overrides_annotation = None;
+    if let Some(mut own) = own.clone() {
+        if own.get("image").and_then(Value::as_str) == Some("auto") {
+            own.as_object_mut().map(|m| m.remove("image"));
+        }
+        if own.get("resources").is_none() {
+            own["resources"] = json!({});
+        }
+        let list = if native {
+            "initContainers"
+        } else {
+            "containers"
+        };
+        overrides_annotation = Some(json!({ list: [own.clone()] }).to_string());
+        merge_over(&mut proxy, &own);
+    }
+
+    // Post-processing as Istio's webhook: Prometheus merge, probe rewrite.
+    let mut annotations = a.clone();
+    let scrape = ann(a, "prometheus.io/scrape")
+        .and_then(|v| match v {
+            "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+            "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+            _ => None,
+        })
+        .unwrap_or(true);
+    let mesh_status_port = pc
+        .get("statusPort")
+        .and_then(Value::as_i64)
+        .unwrap_or(15020);
+    if scrape && merge_ann.unwrap_or(s.prometheus_merge) {
+        let target = mesh_status_port.to_string();
+        if ann(a, "prometheus.io/port") != Some(target.as_str()) {
+            let mut cfg = Map::new();
+            for (k, field) in [
+                ("prometheus.io/scrape", "scrape"),
+                ("prometheus.io/path", "path"),
+                ("prometheus.io/port", "port"),
+            ] {
+                if let Some(v) = ann(a, k) {
+                    cfg.insert(field.into(), json!(v));
+                }
+            }
+            if let Some(p) = ann(a, "prometheus.io/port") {
+                match p.parse::<u16>() {
+                    Ok(n) if n != 0 && n.to_string() != target => {}
+                    _ => {
+                        return Err(invalid(
+                            "prometheus.io/port",
+                            p,
+                            format!("expected a port 1-65535 other than the agent's {target}"),
+                        ))
+                    }
+                }
+            }
+            if !cfg.is_empty() {
+                let text = Value::Object(cfg).to_string();
+                push_env(&mut proxy, env("ISTIO_PROMETHEUS_ANNOTATIONS", text));
+            }
+            annotations.insert("prometheus.io/port".into(), json!(target));
+            annotations.insert("prometheus.io/path".into(), json!("/stats/prometheus"));
+            annotations.insert("prometheus.io/scrape".into(), json!("true"));
+        }
+    }
+    if rewrite_ann.unwrap_or(s.rewrite_app_probe) {
+        let port = status_port_ann.unwrap_or(mesh_status_port);
+        let probers = rewrite_probes(&mut inits, &mut app, port);
+        if !probers.is_empty() {
+            push_env(
+                &mut proxy,
+                env(
+                    "ISTIO_KUBE_APP_PROBERS",
+                    serde_json::to_string(&probers).unwrap_or_default(),
+                ),
+            );
+        }
+    }
+
+    // Containers in Istio's order.
+    let hold_order = hold_pc || s.hold_values;
+    if native {
+        inits.insert(0, proxy);
+    } else if hold_order {
+        app.insert(0, proxy);
+    } else {
+        app.push(proxy);
+    }
+
+    // Labels.
+    let mut new_labels = labels.clone();
+    new_labels.insert(
+        "security.istio.io/tlsMode".into(),
+        json!(label("security.istio.io/tlsMode").unwrap_or("istio")),
+    );
+    if metadata.get("ISTIO_META_ENABLE_HBONE").map(String::as_str) == Some("true") {
+        new_labels.insert(
+            "networking.istio.io/tunnel".into(),
+            json!(label("networking.istio.io/tunnel").unwrap_or("http")),
+        );
+    }
+    let canonical = label("service.istio.io/canonical-name")
+        .or_else(|| label("app.kubernetes.io/name"))
+        .or_else(|| label("app"))
+        .unwrap_or(&workload.name);
+    new_labels.insert(
+        "service.istio.io/canonical-name".into(),
+        json!(trim_canonical(canonical)),
+    );
+    new_labels.insert(
+        "service.istio.io/canonical-revision".into(),
+        json!(label("service.istio.io/canonical-revision")
+            .or_else(|| label("app.kubernetes.io/version"))
+            .or_else(|| label("version"))
+            .unwrap_or("latest")),
+    );
+    if !network.is_empty() {
+        new_labels.insert("topology.istio.io/network".into(), json!(network));
+    }
+
+    // Annotations.
+    let rev = if s.revision.is_empty() {
+        "default"
+    } else {
+        &s.revision
+    };
+    annotations.insert("istio.io/rev".into(), json!(rev));
+    if let Some(first) = app_names.first() {
+        for k in [
+            "kubectl.kubernetes.io/default-logs-container",
+            "kubectl.kubernetes.io/default-container",
+        ] {
+            if !a.contains_key(k) {
+                annotations.insert(k.into(), json!(first));
+            }
+        }
+    }
+    // What the CNI plugin reads (Istio's istio-cni annotations; podwire-cni is the CNI).
+    let a_or = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
+    annotations.insert(
+        "sidecar.istio.io/interceptionMode".into(),
+        json!(interception),
+    );
+    let inc_ranges = a_or(
+        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+        &s.include_ip_ranges,
+    );
+    if !inc_ranges.is_empty() {
+        annotations.insert(
+            "traffic.sidecar.istio.io/includeOutboundIPRanges".into(),
+            json!(inc_ranges),
+        );
+    }
+    let exc_ranges = a_or(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        &s.exclude_ip_ranges,
+    );
+    if !exc_ranges.is_empty() {
+        annotations.insert(
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges".into(),
+            json!(exc_ranges),
+        );
+    }
+    annotations.insert(
+        "traffic.sidecar.istio.io/includeInboundPorts".into(),
+        json!(a_or(
+            "traffic.sidecar.istio.io/includeInboundPorts",
+            &s.include_inbound_ports
+        )),
+    );
+    annotations.insert(
+        "traffic.sidecar.istio.io/excludeInboundPorts".into(),
+        json!(exclude_inbound_port(
+            &status_port,
+            &a_or(
+                "traffic.sidecar.istio.io/excludeInboundPorts",
+                &s.exclude_inbound_ports
+            )
+        )),
+    );
+    for (k, d) in [
+        (
+            "traffic.sidecar.istio.io/includeOutboundPorts",
+            &s.include_outbound_ports,
+        ),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundPorts",
+            &s.exclude_outbound_ports,
+        ),
+    ] {
+        if a.contains_key(k) || !d.is_empty() {
+            annotations.insert(k.into(), json!(a_or(k, d)));
+        }
+    }
+    let volume_names: Vec<Value> = volumes.iter().map(|v| json!(name_of(v))).collect();
+    let list = |v: Vec<Value>| {
+        if v.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(v)
+        }
+    };
+    let status = json!({
+        "initContainers": if native { json!([o.name]) } else { Value::Null },
+        "containers": if native { Value::Null } else { json!([o.name]) },
+        "volumes": list(volume_names),
+        "imagePullSecrets": list(s.image_pull_secrets.iter().map(|n| json!(n)).collect()),
+        "revision": rev,
+    });
+    annotations.insert(STATUS.into(), json!(status_string(&status)));
+    if let Some(ov) = overrides_annotation {
+        annotations.insert(OVERRIDES.into(), json!(ov));
+    }
+    for (k, v) in s.injected_annotations.iter().chain(extra_annotations) {
+        annotations.insert(k.clone(), json!(v));
+    }
+
+    // Volumes: the template's first (as Istio's strategic merge leaves them), then the pod's
+    // own; a pod volume named like a template one is replaced by it.
+    let mut pod_volumes = volumes.clone();
+    for v in containers(spec, "volumes") {
+        if !pod_volumes.iter().any(|x| name_of(x) == name_of(&v)) {
+            pod_volumes.push(v);
+        }
+    }
+    let mut secrets = containers(spec, "imagePullSecrets");
+    for n in &s.image_pull_secrets {
+        if !secrets.iter().any(|x| name_of(x) == n) {
+            secrets.push(json!({ "name": n }));
+        }
+    }
+
+    let mut spec_fields = vec![("containers", Value::Array(app))];
+    if !inits.is_empty() || spec.get("initContainers").is_some() {
+        spec_fields.push(("initContainers", Value::Array(inits)));
+    }
+    spec_fields.push(("volumes", Value::Array(pod_volumes)));
+    if !secrets.is_empty() {
+        spec_fields.push(("imagePullSecrets", Value::Array(secrets)));
+    }
+    Ok(Rendered {
+        labels: new_labels,
+        annotations,
+        spec: spec_fields,
+        warnings,
+        native,
+    })
+}
+
+/// Istio's status annotation: fields in Go's struct order.
+fn status_string(st: &Value) -> String {
+    let mut s = String::from("{");
+    for (i, k) in [
+        "initContainers",
+        "containers",
+        "volumes",
+        "imagePullSecrets",
+        "revision",
+    ]
+    .iter()
+    .enumerate()
+    {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!("\"{k}\":{}", st[*k]));
+    }
+    s.push('}');
+    s
+}
+
+fn push_env(proxy: &mut Value, e: Value) {
+    if let Some(Value::Array(list)) = proxy.get_mut("env") {
+        let name = e.get("name").cloned();
+        list.retain(|x| x.get("name") != name.as_ref());
+        list.push(e);
+    }
+}
+
+fn drop_zero(mut v: Value) -> Value {
+    if let Value::Object(m) = &mut v {
+        m.retain(|_, x| x.as_i64() != Some(0));
+    }
+    v
+}
+
+/// `sidecar.istio.io/userVolume` / `userVolumeMount`: a JSON map name → object.
+fn user_map(a: &Map<String, Value>, key: &str) -> Result<Vec<(String, Value)>> {
+    let Some(text) = ann(a, key) else {
+        return Ok(Vec::new());
+    };
+    let parsed: Value =
+        serde_json::from_str(text).map_err(|e| invalid(key, text, format!("not JSON: {e}")))?;
+    let Value::Object(m) = parsed else {
+        return Err(invalid(
+            key,
+            text,
+            "expected a JSON object of name → object",
+        ));
+    };
+    let mut out = Vec::new();
+    for (name, v) in m {
+        if !v.is_object() || name.is_empty() || name.len() > 63 {
+            return Err(invalid(
+                key,
+                text,
+                format!("entry {name:?} is not a named object"),
+            ));
+        }
+        out.push((name, v));
+    }
+    Ok(out)
+}
+
+/// The proxy's resources: only the pod's `sidecar.istio.io/proxy*` annotations when any is
+/// set (as Istio's template), else the values' `global.proxy.resources`.
+fn proxy_resources(a: &Map<String, Value>, s: &Resolved) -> Result<Value> {
+    let keys = [
+        ("sidecar.istio.io/proxyCPU", "requests", "cpu"),
+        ("sidecar.istio.io/proxyMemory", "requests", "memory"),
+        ("sidecar.istio.io/proxyCPULimit", "limits", "cpu"),
+        ("sidecar.istio.io/proxyMemoryLimit", "limits", "memory"),
+    ];
+    if !keys.iter().any(|(k, _, _)| a.contains_key(*k)) {
+        return Ok(s.resources.clone().unwrap_or_else(|| json!({})));
+    }
+    let mut r = json!({});
+    for (k, kind, res) in keys {
+        if let Some(v) = ann(a, k) {
+            Quantity::parse(v).map_err(|why| invalid(k, v, why))?;
+            if r.get(kind).is_none() {
+                r[kind] = json!({});
+            }
+            r[kind][res] = json!(v);
+        }
+    }
+    for (res, req_key, lim_key) in [
+        ("cpu", keys[0].0, keys[2].0),
+        ("memory", keys[1].0, keys[3].0),
+    ] {
+        let q = |kind: &str| {
+            r.pointer(&format!("/{kind}/{res}"))
+                .and_then(Value::as_str)
+                .and_then(|t| Quantity::parse(t).ok())
+        };
+        if let (Some(req), Some(lim)) = (q("requests"), q("limits")) {
+            if req.cmp_value(&lim).is_gt() {
+                return Err(invalid(
+                    req_key,
+                    req.as_str(),
+                    format!(
+                        "more than the proxy's {res} limit {} (raise {lim_key} too)",
+                        lim.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Istio's app-probe rewrite: every httpGet / tcpSocket / grpc probe (and httpGet / tcpSocket
+/// lifecycle hook) of the app containers goes through the agent on the status port at
+/// `/app-health/<container>/<readyz|livez|startupz>` (`/app-lifecycle/.../<prestopz|poststartz>`);
+/// the original is returned for `ISTIO_KUBE_APP_PROBERS`.
+pub fn rewrite_probes(
+    inits: &mut [Value],
+    app: &mut [Value],
+    status_port: i64,
+) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for c in inits.iter_mut().chain(app.iter_mut()) {
+        let name = name_of(c).to_string();
+        let ports: BTreeMap<String, i64> = c
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p.get("name")?.as_str()?.to_string(),
+                    p.get("containerPort")?.as_i64()?,
+                ))
+            })
+            .collect();
+        for (field, url) in [
+            ("readinessProbe", format!("/app-health/{name}/readyz")),
+            ("livenessProbe", format!("/app-health/{name}/livez")),
+            ("startupProbe", format!("/app-health/{name}/startupz")),
+        ] {
+            let Some(probe) = c.get_mut(field) else {
+                continue;
+            };
+            if let Some(p) = prober(probe, &ports, status_port, true) {
+                out.insert(url.clone(), p);
+            }
+            convert(probe, &url, status_port, true);
+        }
+        for (field, url) in [
+            ("preStop", format!("/app-lifecycle/{name}/prestopz")),
+            ("postStart", format!("/app-lifecycle/{name}/poststartz")),
+        ] {
+            let Some(h) = c.pointer_mut(&format!("/lifecycle/{field}")) else {
+                continue;
+            };
+            if let Some(p) = prober(h, &ports, status_port, false) {
+                out.insert(url.clone(), p);
+            }
+            convert(h, &url, status_port, false);
+        }
+    }
+    out
+}
+
+fn prober(
+    probe: &Value,
+    ports: &BTreeMap<String, i64>,
+    status_port: i64,
+    grpc: bool,
+) -> Option<Value> {
+    let timeout = probe
+        .get("timeoutSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let mut p = Map::new();
+    if let (true, Some(g)) = (grpc, probe.get("grpc")) {
+        p.insert("grpc".into(), g.clone());
+    } else {
+        let (kind, action) = if let Some(h) = probe.get("httpGet") {
+            ("httpGet", h)
+        } else if let Some(t) = probe.get("tcpSocket") {
+            ("tcpSocket", t)
+        } else {
+            return None;
+        };
+        let mut action = action.clone();
+        match action.get("port") {
+            Some(Value::String(n)) => match n.parse::<i64>().ok().or_else(|| ports.get(n).copied())
+            {
+                Some(num) => action["port"] = json!(num),
+                None => return None,
+            },
+            Some(Value::Number(n)) if n.as_i64() == Some(status_port) => return None,
+            _ => {}
+        }
+        p.insert(kind.into(), action);
+    }
+    if grpc && timeout != 0 {
+        p.insert("timeoutSeconds".into(), json!(timeout));
+    }
+    Some(Value::Object(p))
+}
+
+fn convert(probe: &mut Value, url: &str, status_port: i64, grpc: bool) {
+    let Some(m) = probe.as_object_mut() else {
+        return;
+    };
+    let mut action = if let Some(h) = m.get("httpGet") {
+        h.clone()
+    } else if m.contains_key("tcpSocket") || (grpc && m.contains_key("grpc")) {
+        json!({})
+    } else {
+        return;
+    };
+    m.remove("tcpSocket");
+    if grpc {
+        m.remove("grpc");
+    }
+    action["port"] = json!(status_port);
+    action["path"] = json!(url);
+    if action.get("scheme").and_then(Value::as_str) == Some("HTTPS") {
+        action["scheme"] = json!("HTTP");
+    }
+    m.insert("httpGet".into(), action);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclude_inbound_port_adds_the_status_port_once() {
+        assert_eq!(exclude_inbound_port("15020", ""), "15020");
+        assert_eq!(exclude_inbound_port("15020", "4,5"), "4,5,15020");
+        assert_eq!(exclude_inbound_port("15020", "15020"), "15020");
+        assert_eq!(exclude_inbound_port("0", "4"), "4");
+    }
+
+    #[test]
+    fn workload_from_a_replicaset_pod_is_its_deployment() {
+        let pod = json!({"metadata": {"generateName": "web-5d8f-", "namespace": "shop",
+            "labels": {"pod-template-hash": "5d8f"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f", "controller": true}]}});
+        let w = Workload::from_pod(&pod);
+        assert_eq!((w.kind.as_str(), w.name.as_str()), ("Deployment", "web"));
+        let job = json!({"metadata": {"generateName": "nightly-28391230-",
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "nightly-28391230", "controller": true}]}});
+        assert_eq!(Workload::from_pod(&job).kind, "CronJob");
+        let bare = json!({"metadata": {"name": "p"}});
+        assert_eq!(Workload::from_pod(&bare).kind, "Pod");
+    }
+
+    #[test]
+    fn clean_proxy_config_drops_defaults_only() {
+        let pc = json!({"discoveryAddress": "istiod.istio-system.svc:15012", "concurrency": 0, "drainDuration": "23s"});
+        assert_eq!(
+            clean_proxy_config(&pc),
+            json!({"concurrency": 0, "drainDuration": "23s"})
+        );
+    }
+
+    #[test]
+    fn settings_of_the_wrong_type_are_named() {
+        let values = json!({"global": {"proxy": {"statusPort": "x"}}});
+        let err = IstioSettings {
+            values: &values,
+            mesh: &Value::Null,
+        }
+        .resolve()
+        .expect_err("bad");
+        assert!(
+            err.to_string().contains("values.global.proxy.statusPort"),
+            "{err}"
+        );
+        let none = IstioSettings {
+            values: &Value::Null,
+            mesh: &Value::Null,
+        }
+        .resolve()
+        .expect("defaults");
+        assert_eq!(
+            none.resources.expect("chart default")["limits"]["cpu"],
+            "2000m"
+        );
+        let null = json!({"global": {"proxy": {"resources": null}}});
+        let r = IstioSettings {
+            values: &null,
+            mesh: &Value::Null,
+        }
+        .resolve()
+        .expect("null");
+        assert_eq!(r.resources, None, "resources: null means none, as Istio");
+        let values = json!({"global": {"hub": "a b"}});
+        assert!(IstioSettings {
+            values: &values,
+            mesh: &Value::Null
+        }
+        .resolve()
+        .is_err());
+    }
+}
