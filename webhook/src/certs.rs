@@ -356,7 +356,7 @@ fn pubkey_matches(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn spki(cert: &[u8]) -> Option<Vec<u8>> {
-    crate::tls::tbs_field(cert, 5)
+    crate::tls::public_key_info(cert)
 }
 
 #[cfg(test)]

@@ -143,89 +143,19 @@ pub fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// (notBefore, notAfter) of a DER certificate, in seconds since the epoch.
+/// (notBefore, notAfter) of a DER certificate, in seconds since the epoch (x509-parser, as
+/// doctor reads certificates).
 pub fn validity(cert: &[u8]) -> Result<(i64, i64), String> {
-    let err = |what: &str| format!("the certificate is not valid DER X.509 ({what})");
-    let (_, cert_body, _) = der_tlv(cert).ok_or_else(|| err("certificate"))?;
-    let (_, tbs, _) = der_tlv(cert_body).ok_or_else(|| err("tbsCertificate"))?;
-    let mut rest = tbs;
-    // [0] version (optional), serialNumber, signature, issuer, validity.
-    let (tag, _, r) = der_tlv(rest).ok_or_else(|| err("version"))?;
-    if tag == 0xa0 {
-        rest = r;
-    }
-    for what in ["serialNumber", "signature", "issuer"] {
-        let (_, _, r) = der_tlv(rest).ok_or_else(|| err(what))?;
-        rest = r;
-    }
-    let (_, validity, _) = der_tlv(rest).ok_or_else(|| err("validity"))?;
-    let (t1, nb, r) = der_tlv(validity).ok_or_else(|| err("notBefore"))?;
-    let (t2, na, _) = der_tlv(r).ok_or_else(|| err("notAfter"))?;
-    Ok((
-        der_time(t1, nb).ok_or_else(|| err("notBefore"))?,
-        der_time(t2, na).ok_or_else(|| err("notAfter"))?,
-    ))
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| format!("the certificate is not valid DER X.509 ({e})"))?;
+    let v = parsed.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
-/// The whole TLV of field `index` of a DER certificate's tbsCertificate, counting from
-/// serialNumber (0): signature 1, issuer 2, validity 3, subject 4, subjectPublicKeyInfo 5.
-pub fn tbs_field(cert: &[u8], index: usize) -> Option<Vec<u8>> {
-    let (_, cert_body, _) = der_tlv(cert)?;
-    let (_, tbs, _) = der_tlv(cert_body)?;
-    let mut rest = tbs;
-    let (tag, _, r) = der_tlv(rest)?;
-    if tag == 0xa0 {
-        rest = r;
-    }
-    for _ in 0..index {
-        rest = der_tlv(rest)?.2;
-    }
-    let (_, body, after) = der_tlv(rest)?;
-    let _ = body;
-    Some(rest[..rest.len() - after.len()].to_vec())
-}
-
-/// One DER TLV: (tag, contents, rest).
-fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let tag = *b.first()?;
-    let first = *b.get(1)? as usize;
-    let (len, head) = if first < 0x80 {
-        (first, 2)
-    } else {
-        let n = first & 0x7f;
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let len = b
-            .get(2..2 + n)?
-            .iter()
-            .fold(0usize, |a, x| (a << 8) | *x as usize);
-        (len, 2 + n)
-    };
-    let body = b.get(head..head.checked_add(len)?)?;
-    Some((tag, body, &b[head + len..]))
-}
-
-/// UTCTime (0x17, YYMMDDHHMMSSZ) or GeneralizedTime (0x18, YYYYMMDDHHMMSSZ).
-fn der_time(tag: u8, v: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
-    let (year, rest) = match tag {
-        0x17 => {
-            let yy: i32 = s.get(0..2)?.parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
-        }
-        0x18 => (s.get(0..4)?.parse().ok()?, s.get(4..)?),
-        _ => return None,
-    };
-    let n = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
-    let month = time::Month::try_from(n(0)?).ok()?;
-    let date = time::Date::from_calendar_date(year, month, n(2)?).ok()?;
-    let t = time::Time::from_hms(n(4)?, n(6)?, n(8)?).ok()?;
-    Some(
-        time::PrimitiveDateTime::new(date, t)
-            .assume_utc()
-            .unix_timestamp(),
-    )
+/// The certificate's subjectPublicKeyInfo, as encoded.
+pub fn public_key_info(cert: &[u8]) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.tbs_certificate.subject_pki.raw.to_vec())
 }
 
 /// PEM files given on the command line (cert-manager, a mounted Secret): read now, and
