@@ -3,13 +3,28 @@
 use anyhow::{bail, Context, Result};
 use podwire_core::inject::{apply_patch, plan, InjectorConfig, Labels};
 use podwire_core::MeshProfile;
+use podwire_netlab::cri::{CriNode, GATEWAY};
 use podwire_netlab::lab::{pod_manifest, Lab, Pod, APP_PORT, NODE_V4, NODE_V6};
 use podwire_netlab::probe::{self, connect, Seen};
 use serde_json::json;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    /// The pods are network namespaces the demo sets up through the CNI chain itself, the
+    /// way libcni runs it.
+    Netns,
+    /// The pods are containerd pod sandboxes created through its CRI with kubelet's own calls
+    /// (Debian's containerd, started for the demo in its own namespaces).
+    Containerd,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Also give the pods IPv6 addresses (2001:2::/64) and check IPv6 redirection.
+    /// Who creates the pods.
+    #[arg(long, value_enum, default_value_t = Runtime::Netns)]
+    runtime: Runtime,
+    /// Also give the pods IPv6 addresses (2001:2::/64) and check IPv6 redirection
+    /// (netns runtime).
     #[arg(long)]
     ipv6: bool,
     /// Print the mesh pod's nat table as podwire-cni left it.
@@ -66,6 +81,12 @@ pub fn run(args: &Args) -> Result<bool> {
     if !nix_is_root() {
         bail!("podwire demo creates network namespaces and iptables rules: run it as root (sudo)");
     }
+    if args.runtime == Runtime::Containerd {
+        if args.ipv6 {
+            bail!("--ipv6 is shown with the netns runtime only (drop --runtime containerd)");
+        }
+        return containerd(args);
+    }
     println!(
         "podwire demo: real network namespaces, Debian's CNI plugins, podwire-cni, real TCP\n"
     );
@@ -99,33 +120,7 @@ pub fn run(args: &Args) -> Result<bool> {
         .unwrap_or_default();
     println!("chain     {}", chain.join(" → "));
 
-    // The pods as a person writes them: the webhook's own decision and patch turn "web" into a
-    // mesh pod; "plain" opts out.
-    let profile = MeshProfile::istio();
-    let cfg = InjectorConfig::default();
-    let ns_labels: Labels = [
-        ("istio-injection", "enabled"),
-        ("kubernetes.io/metadata.name", "shop"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    println!("namespace shop, labelled istio-injection=enabled");
-    let mut pods = Vec::new();
-    for (name, annotations) in [
-        ("web", &[][..]),
-        ("plain", &[("sidecar.istio.io/inject", "false")][..]),
-    ] {
-        let mut pod = pod_manifest("shop", name, false, annotations);
-        let plan =
-            plan(&pod, None, Some(&ns_labels), &cfg, &profile).context("injection decision")?;
-        println!("injector  shop/{name:<6} {}", plan.decision.reason);
-        let ops = plan
-            .patch
-            .map_err(|e| anyhow::anyhow!("injection refused: {e}"))?;
-        apply_patch(&mut pod, &ops).map_err(|e| anyhow::anyhow!("applying the patch: {e}"))?;
-        pods.push(pod);
-    }
+    let pods = injected_pods()?;
     lab.publish("demo.yaml", &pods)?;
     let mesh = lab
         .start_pod("shop", "web")
@@ -191,6 +186,151 @@ pub fn run(args: &Args) -> Result<bool> {
         }
     );
     Ok(ok)
+}
+
+/// The pods as a person writes them: the webhook's own decision and patch turn "web" into a
+/// mesh pod; "plain" opts out.
+fn injected_pods() -> Result<Vec<serde_json::Value>> {
+    let profile = MeshProfile::istio();
+    let cfg = InjectorConfig::default();
+    let ns_labels: Labels = [
+        ("istio-injection", "enabled"),
+        ("kubernetes.io/metadata.name", "shop"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    println!("namespace shop, labelled istio-injection=enabled");
+    let mut pods = Vec::new();
+    for (name, annotations) in [
+        ("web", &[][..]),
+        ("plain", &[("sidecar.istio.io/inject", "false")][..]),
+    ] {
+        let mut pod = pod_manifest("shop", name, false, annotations);
+        let plan =
+            plan(&pod, None, Some(&ns_labels), &cfg, &profile).context("injection decision")?;
+        println!("injector  shop/{name:<6} {}", plan.decision.reason);
+        let ops = plan
+            .patch
+            .map_err(|e| anyhow::anyhow!("injection refused: {e}"))?;
+        apply_patch(&mut pod, &ops).map_err(|e| anyhow::anyhow!("applying the patch: {e}"))?;
+        pods.push(pod);
+    }
+    Ok(pods)
+}
+
+/// The same story with containerd creating the pods through its CRI, as kubelet asks it to.
+fn containerd(args: &Args) -> Result<bool> {
+    println!("podwire demo: containerd's CRI (kubelet's calls), Debian's CNI plugins, podwire-cni, real TCP\n");
+    let mut node = CriNode::start().context(
+        "starting containerd for the demo (apt-get install containerd runc busybox-static)",
+    )?;
+    println!(
+        "node      namespace {} running containerd (CRI socket {}); bridge {GATEWAY}, a server on :{APP_PORT}",
+        node.netns.name,
+        node.path("containerd.sock").display()
+    );
+    println!("chain     bridge (host-local IPAM) → podwire-cni, chained into containerd's CNI config by `podwire-agent install`");
+    println!(
+        "agent     podwire-agent serve --pods-dir {}",
+        node.path("pods").display()
+    );
+    let pods = injected_pods()?;
+    node.publish(&pods)?;
+    probe::listen(&node.netns, &probe::any(false, APP_PORT), "NODE")?;
+    let mut sandboxes = Vec::new();
+    for (name, what) in [
+        (
+            "web",
+            "mesh pod: the injected istio-proxy container + sidecar.istio.io/status",
+        ),
+        (
+            "plain",
+            "plain pod: sidecar.istio.io/inject=false, no sidecar",
+        ),
+    ] {
+        let id = node
+            .run_sandbox("shop", name)
+            .map_err(|e| anyhow::anyhow!("RunPodSandbox shop/{name}: {}", e.message()))?;
+        let (ip, netns) = node.sandbox(&id)?;
+        println!(
+            "pod       shop/{name:<6} {ip:<15} RunPodSandbox {}…  {what}",
+            &id[..12.min(id.len())]
+        );
+        probe::listen(&netns, &probe::any(false, APP_PORT), "APP")?;
+        probe::start_proxy(&netns, false)?;
+        sandboxes.push((id, ip, netns));
+    }
+    let (web_ip, web_ns) = (&sandboxes[0].1, &sandboxes[0].2);
+    let (plain_ip, plain_ns) = (&sandboxes[1].1, &sandboxes[1].2);
+    let rules = web_ns.nat_rules("iptables-save")?;
+    let count = rules.lines().filter(|l| l.starts_with("-A ")).count();
+    println!("\nshop/web's sandbox now holds {count} nat rules in ISTIO_INBOUND/ISTIO_OUTPUT/ISTIO_REDIRECT/ISTIO_IN_REDIRECT;");
+    println!(
+        "shop/plain's holds {}.",
+        if plain_ns.nat_rules("iptables-save")?.contains("ISTIO_") {
+            "some too (WRONG)"
+        } else {
+            "none"
+        }
+    );
+    if args.show_rules {
+        println!("\n{rules}");
+    }
+    let upstream = format!("{GATEWAY}:{APP_PORT}");
+    let web_in = format!("{web_ip}:{APP_PORT}");
+    let checks = [
+        expect(
+            &format!("shop/web   → {upstream}"),
+            connect(web_ns, &upstream),
+            "PROXY-OUT",
+            Some(&upstream),
+            "outbound redirected",
+        ),
+        expect(
+            &format!("node       → shop/web:{APP_PORT}"),
+            connect(&node.netns, &web_in),
+            "PROXY-IN",
+            Some(&web_in),
+            "inbound redirected",
+        ),
+        expect(
+            &format!("shop/plain → {upstream}"),
+            connect(plain_ns, &upstream),
+            "NODE",
+            None,
+            "not redirected",
+        ),
+        expect(
+            &format!("node       → shop/plain:{APP_PORT}"),
+            connect(&node.netns, &format!("{plain_ip}:{APP_PORT}")),
+            "APP",
+            None,
+            "not redirected",
+        ),
+    ];
+    println!("\ntraffic:");
+    for c in &checks {
+        println!("  {}", c.line);
+    }
+    let ok = checks.iter().all(|c| c.ok);
+    println!("\ncleaning up: StopPodSandbox + RemovePodSandbox (containerd calls DEL), then containerd and the agent go away");
+    for (id, _, netns) in sandboxes {
+        node.stop_and_remove(&id, netns)?;
+    }
+    let left = node.recorded_uids();
+    if !left.is_empty() {
+        println!("  ✘ podwire-cni records left behind for {left:?}");
+    }
+    println!(
+        "\n{}",
+        if ok && left.is_empty() {
+            "PASS: the mesh pod's traffic was redirected to its proxy, the plain pod's was not."
+        } else {
+            "FAIL: see the ✘ lines above."
+        }
+    );
+    Ok(ok && left.is_empty())
 }
 
 fn traffic(lab: &Lab, mesh: &Pod, plain: &Pod, ipv6: bool) -> Vec<Check> {

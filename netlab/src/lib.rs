@@ -9,6 +9,7 @@
 
 pub mod bins;
 pub mod chain;
+pub mod cri;
 pub mod lab;
 pub mod netns;
 pub mod probe;

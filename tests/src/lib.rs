@@ -7,7 +7,7 @@
 pub mod apiserver;
 pub mod podman;
 
-pub use podwire_netlab::{bins, chain, lab, netns, probe};
+pub use podwire_netlab::{bins, chain, cri, lab, netns, probe};
 pub use podwire_netlab::{Chain, CniOutcome, Netns};
 
 /// Root is needed for namespaces and iptables. Under CI a test must fail, never skip.
