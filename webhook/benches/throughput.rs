@@ -13,7 +13,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use podwire_injector::certs::{issue, new_ca, Policy};
 use podwire_injector::AdmissionReview;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,35 +86,45 @@ fn main() {
         body.len()
     );
 
-    let bare_addr = free_port();
-    let bare = Server(
+    // Each server binds port 0 itself and says where it listens (no pick-then-bind race).
+    let mut bare = Server(
         Command::new(std::env::current_exe().expect("self"))
             .env(
                 BARE_ENV,
                 format!(
-                    "{bare_addr} {} {}",
+                    "127.0.0.1:0 {} {}",
                     dir.path().join("tls.crt").display(),
                     dir.path().join("tls.key").display()
                 ),
             )
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("bare server"),
     );
-    let inj_addr = free_port();
-    let inj = Server(
+    let bare_addr = announced(
+        bare.0.stdout.take().expect("stdout"),
+        BARE_LISTENING,
+        Box::new(std::io::sink()),
+    );
+    let mut inj = Server(
         Command::new(env!("CARGO_BIN_EXE_podwire-injector"))
             .args(["serve", "--config"])
             .arg(&config)
-            .args(["--listen", &inj_addr.to_string(), "--no-namespace-watch"])
+            .args(["--listen", "127.0.0.1:0", "--no-namespace-watch"])
             .arg("--no-istio-config")
             .arg("--tls-cert")
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.path().join("tls.key"))
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("injector"),
+    );
+    let inj_addr = announced(
+        inj.0.stdout.take().expect("stdout"),
+        INJECTOR_LISTENING,
+        Box::new(std::io::stdout()),
     );
     let agent = client(&ca);
     for addr in [bare_addr, inj_addr] {
@@ -189,10 +199,36 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
         .unwrap_or(d)
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
+/// What the bare server prints on stdout once bound: `listening on <addr>`.
+const BARE_LISTENING: &str = "listening on ";
+/// What the injector prints on stdout once bound: `serving https://<addr>/inject`.
+const INJECTOR_LISTENING: &str = "serving https://";
+
+/// The address a child announces on `out` (the first line containing `marker`, followed by
+/// the address); the rest of its output is then copied to `rest` (or dropped) in a thread, so
+/// that the child never blocks on a full pipe.
+fn announced(
+    out: impl std::io::Read + Send + 'static,
+    marker: &str,
+    mut rest: Box<dyn std::io::Write + Send>,
+) -> SocketAddr {
+    use std::io::{BufRead, Write};
+    let mut lines = std::io::BufReader::new(out);
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        let n = lines.read_line(&mut line).expect("child output");
+        assert!(n > 0, "the server exited before saying where it listens");
+        if let Some((_, after)) = line.split_once(marker) {
+            let text = after.trim().trim_end_matches("/inject");
+            break text.parse::<SocketAddr>().expect("announced address");
+        }
+        let _ = rest.write_all(line.as_bytes());
+    };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut lines, &mut rest);
+    });
+    addr
 }
 
 fn write_cert(dir: &Path) -> String {
@@ -402,6 +438,13 @@ fn bare_server(args: &str) {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let bound = listener.local_addr().expect("bound address");
+            writeln!(out, "{BARE_LISTENING}{bound}").expect("stdout");
+            out.flush().expect("stdout");
+        }
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;

@@ -430,10 +430,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(
-        "serving https://{}/inject",
-        listener.local_addr().unwrap_or(args.listen)
-    );
+    // One stable line on stdout whatever the log level, with the address actually bound
+    // (`--listen 127.0.0.1:0` picks a free port): `serving https://<addr>/inject`.
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!("serving https://{bound}/inject");
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "serving https://{bound}/inject");
+        let _ = out.flush();
+    }
     serve::serve(listener, state, shutdown_signal()).await?;
     for t in tasks {
         t.abort();

@@ -322,7 +322,14 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     };
     let config = state.config.get();
     let reviewed = review_resolving(&body, &config, &labels_of, &state.profile);
-    let answer = serde_json::to_vec(&reviewed.review);
+    // Sized once: the base64 patch plus the envelope and warnings.
+    let size = reviewed
+        .review
+        .response
+        .as_ref()
+        .map_or(0, |r| r.patch.as_ref().map_or(0, String::len));
+    let mut out = Vec::with_capacity(size + 1024);
+    let answer = serde_json::to_writer(&mut out, &reviewed.review).map(|()| out);
     state.metrics.request(
         result_of(reviewed.outcome),
         reviewed.step,

@@ -73,6 +73,11 @@ pub struct InjectorConfig {
     /// not read them again. Not part of the file.
     #[serde(skip)]
     pub resolved: Option<std::sync::Arc<super::istio::Resolved>>,
+    /// What every render reads from this config (Istio's settings with the file's
+    /// `proxy.resources` applied, podwire's proxy overrides), built once by
+    /// [`InjectorConfig::prepared`] for the default profile. Not part of the file.
+    #[serde(skip)]
+    pub render_inputs: Option<std::sync::Arc<super::patch::RenderInputs>>,
 }
 
 /// The default injection policy. Kept as written when unrecognized so messages can quote it.
@@ -224,8 +229,11 @@ impl InjectorConfig {
     /// The config with Istio's settings resolved once (call after changing `values`/`mesh`).
     pub fn prepared(mut self) -> Result<Self> {
         self.resolved = None;
+        self.render_inputs = None;
         let r = self.istio()?;
         self.resolved = Some(r);
+        let inputs = super::patch::RenderInputs::new(&self, &MeshProfile::istio())?;
+        self.render_inputs = Some(std::sync::Arc::new(inputs));
         Ok(self)
     }
 

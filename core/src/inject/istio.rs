@@ -127,6 +127,9 @@ pub struct Resolved {
     pub mesh_trust_domain: String,
     pub prometheus_merge: bool,
     pub inbound_localhost: bool,
+    /// `PROXY_CONFIG` for a pod without `proxy.istio.io/config`: `default_config` cleaned
+    /// (computed once, from the fields above).
+    pub default_proxy_config_env: String,
 }
 
 fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -363,6 +366,7 @@ impl IstioSettings<'_> {
             include_outbound_ports: v.s("global.proxy.includeOutboundPorts", "")?,
             exclude_outbound_ports: v.s("global.proxy.excludeOutboundPorts", "")?,
             injected_annotations,
+            default_proxy_config_env: format!("{}\n", clean_proxy_config(&default_config)),
             default_config,
             mesh_trust_domain,
             prometheus_merge: m.b("enablePrometheusMerge", true)?,
@@ -777,7 +781,9 @@ pub fn render(
     }
 
     // ProxyConfig: mesh defaults, then the pod's proxy.istio.io/config.
-    let mut pc = s.default_config.clone();
+    // Borrowed from the settings unless the pod has its own.
+    let mut pc = std::borrow::Cow::Borrowed(&s.default_config);
+    let pod_pc = ann(a, "proxy.istio.io/config").is_some();
     if let Some(text) = ann(a, "proxy.istio.io/config") {
         let parsed: Value = serde_yaml_ng::from_str(text)
             .map_err(|e| invalid("proxy.istio.io/config", text, format!("not YAML: {e}")))?;
@@ -788,7 +794,7 @@ pub fn render(
                 "expected a ProxyConfig mapping",
             ));
         }
-        merge_proxy_config(&mut pc, &parsed);
+        merge_proxy_config(pc.to_mut(), &parsed);
     }
     let pc_str = |k: &str| pc.get(k).and_then(Value::as_str).unwrap_or("");
     let interception = ann(a, "sidecar.istio.io/interceptionMode")
@@ -932,7 +938,11 @@ pub fn render(
     envs.push(env_resource("ISTIO_CPU_LIMIT", "limits.cpu"));
     envs.push(env(
         "PROXY_CONFIG",
-        format!("{}\n", clean_proxy_config(&pc)),
+        if pod_pc {
+            format!("{}\n", clean_proxy_config(&pc))
+        } else {
+            s.default_proxy_config_env.clone()
+        },
     ));
     let mut ports_text = String::from("[");
     let mut first = true;
@@ -1403,10 +1413,15 @@ pub fn render(
 
     // Volumes: the template's first (as Istio's strategic merge leaves them), then the pod's
     // own; a pod volume named like a template one is replaced by it.
-    let mut pod_volumes = volumes.clone();
-    for v in containers(spec, "volumes") {
-        if !pod_volumes.iter().any(|x| name_of(x) == name_of(&v)) {
-            pod_volumes.push(v);
+    let mut pod_volumes = volumes;
+    for v in spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if !pod_volumes.iter().any(|x| name_of(x) == name_of(v)) {
+            pod_volumes.push(v.clone());
         }
     }
     let mut secrets = containers(spec, "imagePullSecrets");

@@ -220,42 +220,43 @@ pub fn render_pod(
 ) -> Result<Rendered> {
     // A hostile traffic annotation is refused before anything is rendered, quoting the pod's
     // own value (the plugin's parser, as it will run at pod start).
+    // Only the traffic annotations, the ones the plugin's parser reads, are copied.
+    let traffic = profile.traffic.all();
     let mut own = PodInfo::default();
     if let Some(Value::Object(a)) = pod.pointer("/metadata/annotations") {
-        for (k, v) in a {
-            if let Some(v) = v.as_str() {
-                own.metadata.annotations.insert(k.clone(), v.to_string());
+        for k in traffic {
+            if let Some(v) = a.get(k).and_then(Value::as_str) {
+                own.metadata
+                    .annotations
+                    .insert(k.to_string(), v.to_string());
             }
         }
     }
     RedirectSpec::from_pod(&own, profile)?;
-    let mut settings = cfg.istio()?;
-    // The config file's proxy.resources stand in for the values' global.proxy.resources, as a
-    // whole; the pod's sidecar.istio.io/proxy* annotations still win over either.
-    if let Some(r) = &cfg.proxy.resources {
-        std::sync::Arc::make_mut(&mut settings).resources = Some(json!(r));
-    }
-    let (uid, gid) = cfg.proxy_ids(profile);
-    let overrides = Overrides {
-        name: cfg.proxy_name(profile).to_string(),
-        image: cfg.proxy.image.clone(),
-        uid,
-        gid,
-        container: config_overlay(cfg),
+    let built;
+    let inputs = match &cfg.render_inputs {
+        Some(i) if i.matches(cfg, profile) => &**i,
+        _ => {
+            built = RenderInputs::new(cfg, profile)?;
+            &built
+        }
     };
+    let (settings, overrides) = (&inputs.settings, &inputs.overrides);
     let rendered = istio::render(
         pod,
         workload,
-        &settings,
-        &overrides,
+        settings,
+        overrides,
         &cfg.injected_annotations,
     )?;
     // The plugin's own parser, on the pod as it will be: a value it would refuse at pod start
     // is refused now, while the author is still looking.
     let mut view = PodInfo::default();
-    for (k, v) in &rendered.annotations {
-        if let Some(v) = v.as_str() {
-            view.metadata.annotations.insert(k.clone(), v.to_string());
+    for k in traffic {
+        if let Some(v) = rendered.annotations.get(k).and_then(Value::as_str) {
+            view.metadata
+                .annotations
+                .insert(k.to_string(), v.to_string());
         }
     }
     if let Some(proxy) = rendered.proxy(&overrides.name) {
@@ -266,6 +267,59 @@ pub fn render_pod(
     }
     RedirectSpec::from_pod(&view, profile)?;
     Ok(rendered)
+}
+
+/// What a render reads from the config alone, built once per config (see
+/// [`InjectorConfig::prepared`]) instead of per pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderInputs {
+    /// Istio's settings, with the config file's `proxy.resources` standing in for the
+    /// values' `global.proxy.resources`, as a whole (the pod's sidecar.istio.io/proxy*
+    /// annotations still win over either).
+    pub settings: std::sync::Arc<istio::Resolved>,
+    pub overrides: Overrides,
+    /// What these were built from: the config's `proxy` section, its resolved settings, the
+    /// profile's proxy fields.
+    proxy: super::config::ProxyTemplate,
+    resolved: Option<std::sync::Arc<istio::Resolved>>,
+    proxy_container: &'static str,
+    proxy_ids: (u32, u32),
+}
+
+impl RenderInputs {
+    pub fn new(cfg: &InjectorConfig, profile: &MeshProfile) -> Result<Self> {
+        let mut settings = cfg.istio()?;
+        if let Some(r) = &cfg.proxy.resources {
+            std::sync::Arc::make_mut(&mut settings).resources = Some(json!(r));
+        }
+        let (uid, gid) = cfg.proxy_ids(profile);
+        Ok(RenderInputs {
+            settings,
+            overrides: Overrides {
+                name: cfg.proxy_name(profile).to_string(),
+                image: cfg.proxy.image.clone(),
+                uid,
+                gid,
+                container: config_overlay(cfg),
+            },
+            proxy: cfg.proxy.clone(),
+            resolved: cfg.resolved.clone(),
+            proxy_container: profile.proxy_container,
+            proxy_ids: (profile.proxy_uid, profile.proxy_gid),
+        })
+    }
+
+    /// Whether these are still `cfg`'s for `profile` (a config changed after
+    /// [`InjectorConfig::prepared`] gets fresh ones).
+    fn matches(&self, cfg: &InjectorConfig, profile: &MeshProfile) -> bool {
+        self.proxy_container == profile.proxy_container
+            && self.proxy_ids == (profile.proxy_uid, profile.proxy_gid)
+            && self.proxy == cfg.proxy
+            && match (&self.resolved, &cfg.resolved) {
+                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
 }
 
 /// Patch and warnings for `pod` injected as part of `workload`.
