@@ -13,7 +13,6 @@ pub mod mesh;
 pub mod node;
 pub mod pod;
 pub mod profile;
-pub mod prom;
 pub mod redirect;
 pub mod render;
 pub mod saved;
