@@ -17,11 +17,15 @@ pub struct LoadedConfig {
 }
 
 pub fn load_config(path: &Path, profile: &MeshProfile) -> Result<LoadedConfig, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+    parse_config(&read_text(path)?, &path.display().to_string(), profile)
+}
+
+/// A config file's text, or an error naming the file.
+fn read_text(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
         path: path.display().to_string(),
         source,
-    })?;
-    parse_config(&text, &path.display().to_string(), profile)
+    })
 }
 
 /// Parse and check a config file's text; `origin` names it in messages.
@@ -126,11 +130,7 @@ impl IstioSetting {
 /// under `data.values` / `data.mesh` (what `kubectl get configmap -o yaml` prints). A missing,
 /// unreadable or malformed file is an error naming it: never a silent default.
 pub fn load_istio_setting(path: &Path, what: IstioSetting) -> Result<serde_json::Value, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse_istio_setting(&text, &path.display().to_string(), what)
+    parse_istio_setting(&read_text(path)?, &path.display().to_string(), what)
 }
 
 /// [`load_istio_setting`] on text; `origin` names it in messages.
