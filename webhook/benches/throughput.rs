@@ -3,8 +3,12 @@
 //! tokio-rustls, same certificate) that only parses the AdmissionReview and answers
 //! "allowed"; same client (ureq + rustls, keep-alive), same run.
 //!
-//! Reports: throughput of both and the ratio (target >= 0.8), p50/p99 at a fixed request rate,
-//! and the injector's peak resident memory under load (target <= 30 MiB).
+//! Two workloads, each request with its own uid: "distinct pods" (no two pod objects alike:
+//! every request is rendered) and "replicas" (one pod template, as a Deployment's replicas
+//! arrive: answered from the injector's memo after the first).
+//! Reports: throughput of both servers and the ratio per workload (target >= 0.8), p50/p99 at
+//! a fixed request rate (distinct pods), and the injector's peak resident memory under load
+//! (target <= 30 MiB).
 //! Knobs (env): BENCH_SECONDS (default 5), BENCH_CLIENTS (default 8), BENCH_RATE (default 500/s).
 
 use bytes::Bytes;
@@ -137,40 +141,47 @@ fn main() {
     // Rounds alternate which server goes first; each round's ratio compares neighbours in
     // time (the machine may be shared), and the median round is reported.
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
-    let mut ratios = Vec::new();
     let mut peak_rss = 0u64;
-    for round in 0..rounds {
-        let mut rps = [0f64; 2];
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let (name, addr, pid) = if i == 0 {
-                ("bare", bare_addr, bare.0.id())
-            } else {
-                ("injector", inj_addr, inj.0.id())
-            };
-            let (r, rss, cpu_us) = throughput(&ca, addr, &body, clients, secs, pid);
-            if i == 1 {
-                peak_rss = peak_rss.max(rss);
+    let distinct = Bodies::new(&body, true);
+    for bodies in [distinct.clone(), Bodies::new(&body, false)] {
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let mut rps = [0f64; 2];
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let (name, addr, pid) = if i == 0 {
+                    ("bare", bare_addr, bare.0.id())
+                } else {
+                    ("injector", inj_addr, inj.0.id())
+                };
+                let (r, rss, cpu_us) = throughput(&ca, addr, &bodies, clients, secs, pid);
+                if i == 1 {
+                    peak_rss = peak_rss.max(rss);
+                }
+                rps[i] = r;
+                println!(
+                    "  {:13} round {round}: {name:9} {r:9.0} req/s, server CPU {cpu_us:5.1} us/request",
+                    bodies.name()
+                );
             }
-            rps[i] = r;
-            println!("  round {round}: {name:9} {r:9.0} req/s, server CPU {cpu_us:5.1} us/request");
+            ratios.push(rps[1] / rps[0]);
         }
-        ratios.push(rps[1] / rps[0]);
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        let ratio = sorted[sorted.len() / 2];
+        println!(
+            "throughput ratio injector/bare, {}: median {ratio:.2} over rounds {:?} (target >= 0.80: {})",
+            bodies.name(),
+            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>(),
+            if ratio >= 0.8 { "met" } else { "NOT met" }
+        );
     }
-    let mut sorted = ratios.clone();
-    sorted.sort_by(f64::total_cmp);
-    let ratio = sorted[sorted.len() / 2];
-    println!(
-        "throughput ratio injector/bare: median {ratio:.2} over rounds {:?} (target >= 0.80: {})",
-        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>(),
-        if ratio >= 0.8 { "met" } else { "NOT met" }
-    );
     for (name, addr) in [("bare", bare_addr), ("injector", inj_addr)] {
         let pid = (name == "injector").then(|| inj.0.id());
-        let (p50, p99, n, rss) = fixed_rate(&ca, addr, &body, rate, secs, pid);
+        let (p50, p99, n, rss) = fixed_rate(&ca, addr, &distinct, rate, secs, pid);
         peak_rss = peak_rss.max(rss);
         println!(
-            "latency at {rate} req/s: {name:9} p50 {:7.1} us  p99 {:7.1} us  ({n} requests)",
+            "latency at {rate} req/s, distinct pods: {name:9} p50 {:7.1} us  p99 {:7.1} us  ({n} requests)",
             p50.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6
         );
@@ -181,6 +192,43 @@ fn main() {
         if mib <= 30.0 { "met" } else { "NOT met" }
     );
     drop(bare);
+}
+
+/// What the clients send: the fixture with a fresh uid on every request (as the API server
+/// sends), and for `distinct` pods also a label value of its own, so that no two pod objects
+/// are alike and the injector renders every one (no answer from its memo of replicas).
+#[derive(Clone)]
+struct Bodies {
+    template: String,
+    distinct: bool,
+}
+
+impl Bodies {
+    fn new(fixture: &[u8], distinct: bool) -> Self {
+        let mut v: serde_json::Value = serde_json::from_slice(fixture).expect("fixture JSON");
+        v["request"]["uid"] = serde_json::json!("@UID@");
+        if distinct {
+            v["request"]["object"]["metadata"]["labels"]["bench-pod"] = serde_json::json!("@UID@");
+        }
+        Bodies {
+            template: serde_json::to_string(&v).expect("JSON"),
+            distinct,
+        }
+    }
+
+    fn body(&self, client: usize, n: u64) -> Vec<u8> {
+        self.template
+            .replace("@UID@", &format!("c{client}-{n}"))
+            .into_bytes()
+    }
+
+    fn name(&self) -> &'static str {
+        if self.distinct {
+            "distinct pods"
+        } else {
+            "replicas"
+        }
+    }
 }
 
 struct Server(Child);
@@ -300,7 +348,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn throughput(
     ca: &str,
     addr: SocketAddr,
-    body: &[u8],
+    bodies: &Bodies,
     clients: usize,
     secs: u64,
     pid: u32,
@@ -309,17 +357,19 @@ fn throughput(
     let done = Arc::new(AtomicU64::new(0));
     let url = format!("https://{addr}/inject");
     let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (stop, done, url, body, agent) = (
+        .map(|c| {
+            let (stop, done, url, bodies, agent) = (
                 stop.clone(),
                 done.clone(),
                 url.clone(),
-                body.to_vec(),
+                bodies.clone(),
                 client(ca),
             );
             std::thread::spawn(move || {
+                let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    assert!(post(&agent, &url, &body), "request failed");
+                    n += 1;
+                    assert!(post(&agent, &url, &bodies.body(c, n)), "request failed");
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -360,7 +410,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn fixed_rate(
     ca: &str,
     addr: SocketAddr,
-    body: &[u8],
+    bodies: &Bodies,
     rate: u64,
     secs: u64,
     pid: Option<u32>,
@@ -370,9 +420,10 @@ fn fixed_rate(
     let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
     let threads: Vec<_> = (0..conns)
         .map(|i| {
-            let (url, body, agent) = (url.clone(), body.to_vec(), client(ca));
+            let (url, bodies, agent) = (url.clone(), bodies.clone(), client(ca));
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
+                let mut n = 0u64;
                 let start = Instant::now() + interval.mul_f64(i as f64 / conns as f64);
                 let mut next = start;
                 while next < start + Duration::from_secs(secs) {
@@ -380,6 +431,8 @@ fn fixed_rate(
                     if next > now {
                         std::thread::sleep(next - now);
                     }
+                    n += 1;
+                    let body = bodies.body(i as usize, n);
                     // Measured from the scheduled send time: no coordinated omission.
                     assert!(post(&agent, &url, &body), "request failed");
                     lat.push(Instant::now().saturating_duration_since(next));

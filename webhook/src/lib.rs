@@ -15,6 +15,7 @@ pub mod admission;
 pub mod certs;
 pub mod config;
 pub mod istio_settings;
+pub mod memo;
 pub mod metrics;
 pub mod namespaces;
 pub mod review;

@@ -426,6 +426,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             request_timeout: args.request_timeout,
             ..Default::default()
         },
+        memo: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -111,6 +111,7 @@ pub struct Metrics {
     cert_expiry: Gauge,
     cert_reloads: Counter,
     namespaces: Gauge,
+    memo_hits: Counter,
 }
 
 impl Default for Metrics {
@@ -124,6 +125,7 @@ impl Default for Metrics {
             cert_expiry: Gauge::default(),
             cert_reloads: Counter::default(),
             namespaces: Gauge::default(),
+            memo_hits: Counter::default(),
         };
         for result in RequestResult::ALL {
             drop(m.requests.get_or_create(&ResultLabel { result }));
@@ -171,11 +173,21 @@ impl Default for Metrics {
             "Namespaces whose labels the injector knows from its watch",
             m.namespaces.clone(),
         );
+        r.register(
+            "podwire_injector_memo_hits",
+            "Pod CREATEs answered from the memo of pods seen before (replicas of one template)",
+            m.memo_hits.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }
 
 impl Metrics {
+    /// One answer replayed from the memo (also counted by [`Metrics::request`]).
+    pub fn memo_hit(&self) {
+        self.memo_hits.inc();
+    }
+
     /// One answered `/inject` request; dry runs are counted apart (no pod is created), but
     /// their latency is recorded.
     pub fn request(

@@ -80,6 +80,40 @@ fn https_answers_equal_the_offline_review_for_every_fixture() {
         let answer: Value = serde_json::from_str(&body).expect("JSON answer");
         assert_eq!(answer, offline_review(name, &[]), "{name}");
     }
+    // The same pods again as replicas (same object, new uid): answered from the injector's
+    // memo, still exactly what a fresh review answers.
+    let hits = || {
+        let (_, m) = get(&agent, &inj.url("/metrics")).expect("metrics");
+        metric(&m, "podwire_injector_memo_hits_total")
+    };
+    let mut replayed = 0;
+    for name in FIXTURES {
+        let Ok(mut v) = serde_json::from_slice::<Value>(&fixture_bytes(name)) else {
+            continue;
+        };
+        for i in 0..2 {
+            v["request"]["uid"] = json!(format!("replica-{i}-of-{name}"));
+            let replica = serde_json::to_vec(&v).expect("JSON");
+            let before = hits();
+            let (code, body) = post(&agent, &inj.url("/inject"), &replica).expect(name);
+            assert_eq!(code, 200, "{name}: {body}");
+            let answer: Value = serde_json::from_str(&body).expect("JSON answer");
+            assert_eq!(
+                answer,
+                offline_review_of(&replica, &[]),
+                "{name} (replica {i})"
+            );
+            // The second replica of a namespaced pod CREATE that was decided is a memo hit;
+            // nothing else ever is.
+            let decided = answer["response"]["status"]["code"] != json!(400);
+            let kept = decided && podwire_injector::memo::Request::read(&replica).is_some();
+            if i == 1 {
+                assert_eq!(hits() - before, f64::from(u8::from(kept)), "{name}");
+                replayed += usize::from(kept);
+            }
+        }
+    }
+    assert!(replayed >= 6, "only {replayed} fixtures were replayed");
     // The cases the API server actually sends, spelled out.
     let resp = |name: &str| -> Value {
         let (_, body) = post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
