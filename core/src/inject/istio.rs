@@ -717,12 +717,214 @@ fn name_of(c: &Value) -> &str {
 
 /// Render Istio's sidecar for `pod` (a Pod object as the API server sends it, or a pod
 /// template with its metadata). Checks every annotation the template reads before using it.
+/// The parts of the sidecar that depend on the settings and podwire's proxy overrides alone:
+/// built once per settings change (with [`super::patch::RenderInputs`]) and cloned into each
+/// pod, instead of being built from `json!` literals per pod. `render` has no other source for
+/// them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prebuilt {
+    /// Env up to `ISTIO_CPU_LIMIT`, in the template's order.
+    env_head: Vec<Value>,
+    /// `PROXY_CONFIG` for a pod without its own `proxy.istio.io/config`.
+    proxy_config_env: Value,
+    gomemlimit_env: Value,
+    node_name_env: Value,
+    /// The securityContext for a pod without, and with, its own seccomp profile.
+    security_context: [Value; 2],
+    /// Args and readiness probe for a pod without log level or readiness annotations.
+    args: Value,
+    readiness_probe: Value,
+    ports: Value,
+    startup_probe: Option<Value>,
+    /// Mounts before the custom-bootstrap one, and after it.
+    mounts_head: Vec<Value>,
+    mounts_tail: Vec<Value>,
+    /// Volumes before the custom-bootstrap one, and after it (up to `istio-ca-crl`).
+    volumes_head: Vec<Value>,
+    volumes_tail: Vec<Value>,
+}
+
+/// The proxy's args; `levels`: the pod's log, component log and agent log level annotations.
+fn proxy_args(s: &Resolved, levels: [Option<&str>; 3]) -> Value {
+    let [log, component, agent] = levels;
+    let mut args = vec![
+        json!("proxy"),
+        json!("sidecar"),
+        json!("--domain"),
+        json!(format!("$(POD_NAMESPACE).svc.{}", s.cluster_domain)),
+        json!(format!("--proxyLogLevel={}", log.unwrap_or(&s.log_level))),
+        json!(format!(
+            "--proxyComponentLogLevel={}",
+            component.unwrap_or(&s.component_log_level)
+        )),
+        json!(format!(
+            "--log_output_level={}",
+            agent.unwrap_or(&s.agent_log_level)
+        )),
+    ];
+    if s.sts_port != 0 {
+        args.push(json!(format!("--stsPort={}", s.sts_port)));
+    }
+    if s.log_as_json {
+        args.push(json!("--log_as_json"));
+    }
+    if !s.outlier_log_path.is_empty() {
+        args.push(json!(format!("--outlierLogPath={}", s.outlier_log_path)));
+    }
+    Value::Array(args)
+}
+
+/// The proxy's readiness probe; `timing`: the pod's initial delay, period and failure
+/// threshold annotations.
+fn readiness_probe(s: &Resolved, timing: [Option<i64>; 3]) -> Value {
+    let [delay, period, failure] = timing;
+    drop_zero(json!({
+        "httpGet": {"path": "/healthz/ready", "port": 15021},
+        "initialDelaySeconds": delay.unwrap_or(s.readiness_initial_delay),
+        "periodSeconds": period.unwrap_or(s.readiness_period),
+        "timeoutSeconds": 3,
+        "failureThreshold": failure.unwrap_or(s.readiness_failure_threshold),
+    }))
+}
+
+/// The proxy's securityContext; `pod_seccomp`: the pod sets its own seccomp profile.
+fn security_context(s: &Resolved, o: &Overrides, pod_seccomp: bool) -> Value {
+    let mut sc = json!({
+        "allowPrivilegeEscalation": s.privileged,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": s.privileged,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": o.uid,
+        "runAsGroup": o.gid,
+    });
+    // Pod Security "restricted" needs a seccomp profile on every container unless the pod
+    // sets one: RuntimeDefault when Istio's values name none.
+    match &s.seccomp_profile {
+        Some(p) => sc["seccompProfile"] = p.clone(),
+        None if !pod_seccomp => sc["seccompProfile"] = json!({"type": "RuntimeDefault"}),
+        None => {}
+    }
+    sc
+}
+
+impl Prebuilt {
+    pub fn new(s: &Resolved, o: &Overrides) -> Self {
+        let mut env_head = Vec::new();
+        if s.inbound_localhost {
+            env_head.push(env("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "true"));
+        }
+        env_head.push(env("PILOT_CERT_PROVIDER", &s.pilot_cert_provider));
+        env_head.push(env("CA_ADDR", &s.ca_address));
+        env_head.push(env_field("POD_NAME", "metadata.name"));
+        env_head.push(env_field("POD_NAMESPACE", "metadata.namespace"));
+        env_head.push(env_field("INSTANCE_IP", "status.podIP"));
+        env_head.push(env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"));
+        env_head.push(env_field("HOST_IP", "status.hostIP"));
+        env_head.push(env_resource("ISTIO_CPU_LIMIT", "limits.cpu"));
+
+        let mut mounts_head = vec![
+            json!({"name": "workload-socket", "mountPath": "/var/run/secrets/workload-spiffe-uds"}),
+            json!({"name": "credential-socket", "mountPath": "/var/run/secrets/credential-uds"}),
+        ];
+        if s.ca_name == "GkeWorkloadCertificate" {
+            mounts_head.push(json!({"name": "gke-workload-certificate", "mountPath": "/var/run/secrets/workload-spiffe-credentials", "readOnly": true}));
+        } else {
+            mounts_head.push(json!({"name": "workload-certs", "mountPath": "/var/run/secrets/workload-spiffe-credentials"}));
+        }
+        if s.pilot_cert_provider == "istiod" {
+            mounts_head
+                .push(json!({"mountPath": "/var/run/secrets/istio", "name": "istiod-ca-cert"}));
+            mounts_head
+                .push(json!({"mountPath": "/var/run/secrets/istio/crl", "name": "istio-ca-crl"}));
+        }
+        mounts_head.push(json!({"mountPath": "/var/lib/istio/data", "name": "istio-data"}));
+        let mut mounts_tail = vec![
+            json!({"mountPath": "/etc/istio/proxy", "name": "istio-envoy"}),
+            json!({"mountPath": "/var/run/secrets/tokens", "name": "istio-token"}),
+        ];
+        if s.mount_mtls_certs {
+            mounts_tail
+                .push(json!({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": true}));
+        }
+        mounts_tail.push(json!({"name": "istio-podinfo", "mountPath": "/etc/istio/pod"}));
+
+        let mut volumes_head = vec![
+            json!({"name": "workload-socket", "emptyDir": {}}),
+            json!({"name": "credential-socket", "emptyDir": {}}),
+        ];
+        if s.ca_name == "GkeWorkloadCertificate" {
+            volumes_head.push(json!({"name": "gke-workload-certificate", "csi": {"driver": "workloadcertificates.security.cloud.google.com"}}));
+        } else {
+            volumes_head.push(json!({"name": "workload-certs", "emptyDir": {}}));
+        }
+        let mut volumes_tail = vec![
+            json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}}),
+            json!({"name": "istio-data", "emptyDir": {}}),
+            json!({"name": "istio-podinfo", "downwardAPI": {"items": [
+                {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+            ]}}),
+            json!({"name": "istio-token", "projected": {"sources": [
+                {"serviceAccountToken": {"path": "istio-token", "expirationSeconds": 43200, "audience": s.sds_audience}}
+            ]}}),
+        ];
+        let bundle = if s.trust_bundle_name.is_empty() {
+            None
+        } else {
+            Some(s.trust_bundle_name.as_str())
+        };
+        if s.pilot_cert_provider == "istiod" {
+            if s.cluster_trust_bundle {
+                volumes_tail.push(
+                    json!({"name": "istiod-ca-cert", "projected": {"sources": [{"clusterTrustBundle": {
+                    "name": format!("istio.io:istiod-ca:{}", bundle.unwrap_or("root-cert")),
+                    "path": "root-cert.pem"}}]}}),
+                );
+            } else {
+                volumes_tail.push(json!({"name": "istiod-ca-cert", "configMap": {"name": bundle.unwrap_or("istio-ca-root-cert")}}));
+            }
+        }
+        let crl = if s.crl_config_map.is_empty() {
+            "istio-ca-crl"
+        } else {
+            &s.crl_config_map
+        };
+        volumes_tail
+            .push(json!({"name": "istio-ca-crl", "configMap": {"name": crl, "optional": true}}));
+
+        Prebuilt {
+            env_head,
+            proxy_config_env: env("PROXY_CONFIG", s.default_proxy_config_env.clone()),
+            gomemlimit_env: env_resource("GOMEMLIMIT", "limits.memory"),
+            node_name_env: env_field("ISTIO_META_NODE_NAME", "spec.nodeName"),
+            security_context: [false, true].map(|own| security_context(s, o, own)),
+            args: proxy_args(s, [None; 3]),
+            readiness_probe: readiness_probe(s, [None; 3]),
+            ports: json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
+            startup_probe: s.startup_enabled.then(|| {
+                json!({
+                    "httpGet": {"path": "/healthz/ready", "port": 15021},
+                    "periodSeconds": 1,
+                    "timeoutSeconds": 3,
+                    "failureThreshold": s.startup_failure_threshold,
+                })
+            }),
+            mounts_head,
+            mounts_tail,
+            volumes_head,
+            volumes_tail,
+        }
+    }
+}
+
 pub fn render(
     pod: &Value,
     workload: &Workload,
     s: &Resolved,
     o: &Overrides,
     extra_annotations: &BTreeMap<String, String>,
+    pre: &Prebuilt,
 ) -> Result<Rendered> {
     let empty = Map::new();
     if !pod.is_object() {
@@ -891,59 +1093,28 @@ pub fn render(
     };
 
     // Args.
-    let level = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
-    let mut args = vec![
-        json!("proxy"),
-        json!("sidecar"),
-        json!("--domain"),
-        json!(format!("$(POD_NAMESPACE).svc.{}", s.cluster_domain)),
-        json!(format!(
-            "--proxyLogLevel={}",
-            level("sidecar.istio.io/logLevel", &s.log_level)
-        )),
-        json!(format!(
-            "--proxyComponentLogLevel={}",
-            level("sidecar.istio.io/componentLogLevel", &s.component_log_level)
-        )),
-        json!(format!(
-            "--log_output_level={}",
-            level("sidecar.istio.io/agentLogLevel", &s.agent_log_level)
-        )),
+    let levels = [
+        ann(a, "sidecar.istio.io/logLevel"),
+        ann(a, "sidecar.istio.io/componentLogLevel"),
+        ann(a, "sidecar.istio.io/agentLogLevel"),
     ];
-    if s.sts_port != 0 {
-        args.push(json!(format!("--stsPort={}", s.sts_port)));
-    }
-    if s.log_as_json {
-        args.push(json!("--log_as_json"));
-    }
-    if !s.outlier_log_path.is_empty() {
-        args.push(json!(format!("--outlierLogPath={}", s.outlier_log_path)));
-    }
+    let args = if levels.iter().all(Option::is_none) {
+        pre.args.clone()
+    } else {
+        proxy_args(s, levels)
+    };
 
     // Env, in the template's order.
     let network = label("topology.istio.io/network")
         .map(str::to_string)
         .unwrap_or_else(|| s.network.clone());
-    let mut envs = Vec::new();
-    if s.inbound_localhost {
-        envs.push(env("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "true"));
-    }
-    envs.push(env("PILOT_CERT_PROVIDER", &s.pilot_cert_provider));
-    envs.push(env("CA_ADDR", &s.ca_address));
-    envs.push(env_field("POD_NAME", "metadata.name"));
-    envs.push(env_field("POD_NAMESPACE", "metadata.namespace"));
-    envs.push(env_field("INSTANCE_IP", "status.podIP"));
-    envs.push(env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"));
-    envs.push(env_field("HOST_IP", "status.hostIP"));
-    envs.push(env_resource("ISTIO_CPU_LIMIT", "limits.cpu"));
-    envs.push(env(
-        "PROXY_CONFIG",
-        if pod_pc {
-            format!("{}\n", clean_proxy_config(&pc))
-        } else {
-            s.default_proxy_config_env.clone()
-        },
-    ));
+    let mut envs = Vec::with_capacity(pre.env_head.len() + 16);
+    envs.extend(pre.env_head.iter().cloned());
+    envs.push(if pod_pc {
+        env("PROXY_CONFIG", format!("{}\n", clean_proxy_config(&pc)))
+    } else {
+        pre.proxy_config_env.clone()
+    });
     let mut ports_text = String::from("[");
     let mut first = true;
     for c in &app {
@@ -966,11 +1137,11 @@ pub fn render(
     ports_text.push_str("\n]");
     envs.push(env("ISTIO_META_POD_PORTS", ports_text));
     envs.push(env("ISTIO_META_APP_CONTAINERS", app_names.join(",")));
-    envs.push(env_resource("GOMEMLIMIT", "limits.memory"));
+    envs.push(pre.gomemlimit_env.clone());
     if s.cluster_name.is_empty() {
         envs.push(env("ISTIO_META_CLUSTER_ID", "Kubernetes"));
     }
-    envs.push(env_field("ISTIO_META_NODE_NAME", "spec.nodeName"));
+    envs.push(pre.node_name_env.clone());
     envs.push(env("ISTIO_META_INTERCEPTION_MODE", &interception));
     let workload_name = label("service.istio.io/workload-name").unwrap_or(&workload.name);
     if !workload_name.is_empty() {
@@ -1030,11 +1201,8 @@ pub fn render(
     if native {
         c.insert("restartPolicy".into(), json!("Always"));
     }
-    c.insert(
-        "ports".into(),
-        json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
-    );
-    c.insert("args".into(), Value::Array(args));
+    c.insert("ports".into(), pre.ports.clone());
+    c.insert("args".into(), args);
     if let Some(l) = &s.lifecycle {
         c.insert("lifecycle".into(), l.clone());
     } else if hold {
@@ -1054,74 +1222,32 @@ pub fn render(
         c.insert("imagePullPolicy".into(), json!(p));
     }
     if status_port != "0" {
-        let ready = json!({
-            "httpGet": {"path": "/healthz/ready", "port": 15021},
-            "initialDelaySeconds": ready_delay.unwrap_or(s.readiness_initial_delay),
-            "periodSeconds": ready_period.unwrap_or(s.readiness_period),
-            "timeoutSeconds": 3,
-            "failureThreshold": ready_failure.unwrap_or(s.readiness_failure_threshold),
-        });
-        c.insert("readinessProbe".into(), drop_zero(ready));
-        if s.startup_enabled {
-            c.insert(
-                "startupProbe".into(),
-                json!({
-                    "httpGet": {"path": "/healthz/ready", "port": 15021},
-                    "periodSeconds": 1,
-                    "timeoutSeconds": 3,
-                    "failureThreshold": s.startup_failure_threshold,
-                }),
-            );
+        let timing = [ready_delay, ready_period, ready_failure];
+        let ready = if timing.iter().all(Option::is_none) {
+            pre.readiness_probe.clone()
+        } else {
+            readiness_probe(s, timing)
+        };
+        c.insert("readinessProbe".into(), ready);
+        if let Some(p) = &pre.startup_probe {
+            c.insert("startupProbe".into(), p.clone());
         }
     }
-    let mut sc = json!({
-        "allowPrivilegeEscalation": s.privileged,
-        "capabilities": {"drop": ["ALL"]},
-        "privileged": s.privileged,
-        "readOnlyRootFilesystem": true,
-        "runAsNonRoot": true,
-        "runAsUser": o.uid,
-        "runAsGroup": o.gid,
-    });
-    // Pod Security "restricted" needs a seccomp profile on every container unless the pod
-    // sets one: RuntimeDefault when Istio's values name none.
-    match &s.seccomp_profile {
-        Some(p) => sc["seccompProfile"] = p.clone(),
-        None if pod
-            .pointer("/spec/securityContext/seccompProfile")
-            .is_none() =>
-        {
-            sc["seccompProfile"] = json!({"type": "RuntimeDefault"});
-        }
-        None => {}
-    }
-    c.insert("securityContext".into(), sc);
+    let pod_seccomp = pod
+        .pointer("/spec/securityContext/seccompProfile")
+        .is_some();
+    c.insert(
+        "securityContext".into(),
+        pre.security_context[usize::from(pod_seccomp)].clone(),
+    );
     c.insert("resources".into(), proxy_resources(a, s)?);
-    let mut mounts = vec![
-        json!({"name": "workload-socket", "mountPath": "/var/run/secrets/workload-spiffe-uds"}),
-        json!({"name": "credential-socket", "mountPath": "/var/run/secrets/credential-uds"}),
-    ];
-    if s.ca_name == "GkeWorkloadCertificate" {
-        mounts.push(json!({"name": "gke-workload-certificate", "mountPath": "/var/run/secrets/workload-spiffe-credentials", "readOnly": true}));
-    } else {
-        mounts.push(json!({"name": "workload-certs", "mountPath": "/var/run/secrets/workload-spiffe-credentials"}));
-    }
-    if s.pilot_cert_provider == "istiod" {
-        mounts.push(json!({"mountPath": "/var/run/secrets/istio", "name": "istiod-ca-cert"}));
-        mounts.push(json!({"mountPath": "/var/run/secrets/istio/crl", "name": "istio-ca-crl"}));
-    }
-    mounts.push(json!({"mountPath": "/var/lib/istio/data", "name": "istio-data"}));
+    let mut mounts = pre.mounts_head.clone();
     if bootstrap.is_some() {
         mounts.push(
             json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"}),
         );
     }
-    mounts.push(json!({"mountPath": "/etc/istio/proxy", "name": "istio-envoy"}));
-    mounts.push(json!({"mountPath": "/var/run/secrets/tokens", "name": "istio-token"}));
-    if s.mount_mtls_certs {
-        mounts.push(json!({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": true}));
-    }
-    mounts.push(json!({"name": "istio-podinfo", "mountPath": "/etc/istio/pod"}));
+    mounts.extend(pre.mounts_tail.iter().cloned());
     for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")? {
         let mut m = m;
         m["name"] = json!(name);
@@ -1130,49 +1256,11 @@ pub fn render(
     c.insert("volumeMounts".into(), Value::Array(mounts));
 
     // Volumes.
-    let mut volumes = vec![
-        json!({"name": "workload-socket", "emptyDir": {}}),
-        json!({"name": "credential-socket", "emptyDir": {}}),
-    ];
-    if s.ca_name == "GkeWorkloadCertificate" {
-        volumes.push(json!({"name": "gke-workload-certificate", "csi": {"driver": "workloadcertificates.security.cloud.google.com"}}));
-    } else {
-        volumes.push(json!({"name": "workload-certs", "emptyDir": {}}));
-    }
+    let mut volumes = pre.volumes_head.clone();
     if let Some(b) = bootstrap {
         volumes.push(json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}));
     }
-    volumes.push(json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}}));
-    volumes.push(json!({"name": "istio-data", "emptyDir": {}}));
-    volumes.push(json!({"name": "istio-podinfo", "downwardAPI": {"items": [
-        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
-        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
-    ]}}));
-    volumes.push(json!({"name": "istio-token", "projected": {"sources": [
-        {"serviceAccountToken": {"path": "istio-token", "expirationSeconds": 43200, "audience": s.sds_audience}}
-    ]}}));
-    let bundle = if s.trust_bundle_name.is_empty() {
-        None
-    } else {
-        Some(s.trust_bundle_name.as_str())
-    };
-    if s.pilot_cert_provider == "istiod" {
-        if s.cluster_trust_bundle {
-            volumes.push(
-                json!({"name": "istiod-ca-cert", "projected": {"sources": [{"clusterTrustBundle": {
-                "name": format!("istio.io:istiod-ca:{}", bundle.unwrap_or("root-cert")),
-                "path": "root-cert.pem"}}]}}),
-            );
-        } else {
-            volumes.push(json!({"name": "istiod-ca-cert", "configMap": {"name": bundle.unwrap_or("istio-ca-root-cert")}}));
-        }
-    }
-    let crl = if s.crl_config_map.is_empty() {
-        "istio-ca-crl"
-    } else {
-        &s.crl_config_map
-    };
-    volumes.push(json!({"name": "istio-ca-crl", "configMap": {"name": crl, "optional": true}}));
+    volumes.extend(pre.volumes_tail.iter().cloned());
     if s.mount_mtls_certs {
         let sa = spec
             .get("serviceAccountName")
@@ -1388,22 +1476,16 @@ pub fn render(
             annotations.insert(k.into(), json!(a_or(k, d)));
         }
     }
-    let volume_names: Vec<Value> = volumes.iter().map(|v| json!(name_of(v))).collect();
-    let list = |v: Vec<Value>| {
-        if v.is_empty() {
-            Value::Null
-        } else {
-            Value::Array(v)
-        }
+    let proxy_list = [o.name.as_str()];
+    let (init_list, app_list): (&[&str], &[&str]) = if native {
+        (&proxy_list, &[])
+    } else {
+        (&[], &proxy_list)
     };
-    let status = json!({
-        "initContainers": if native { json!([o.name]) } else { Value::Null },
-        "containers": if native { Value::Null } else { json!([o.name]) },
-        "volumes": list(volume_names),
-        "imagePullSecrets": list(s.image_pull_secrets.iter().map(|n| json!(n)).collect()),
-        "revision": rev,
-    });
-    annotations.insert(STATUS.into(), json!(status_string(&status)));
+    let volume_names: Vec<&str> = volumes.iter().map(name_of).collect();
+    let secret_names: Vec<&str> = s.image_pull_secrets.iter().map(String::as_str).collect();
+    let status = status_string(init_list, app_list, &volume_names, &secret_names, rev);
+    annotations.insert(STATUS.into(), Value::String(status));
     if let Some(ov) = overrides_annotation {
         annotations.insert(OVERRIDES.into(), json!(ov));
     }
@@ -1448,26 +1530,37 @@ pub fn render(
     })
 }
 
-/// Istio's status annotation: fields in Go's struct order.
-fn status_string(st: &Value) -> String {
-    let mut s = String::from("{");
-    for (i, k) in [
-        "initContainers",
-        "containers",
-        "volumes",
-        "imagePullSecrets",
-        "revision",
+/// Istio's status annotation: fields in Go's struct order, an empty list as `null`.
+fn status_string(
+    inits: &[&str],
+    containers: &[&str],
+    volumes: &[&str],
+    secrets: &[&str],
+    revision: &str,
+) -> String {
+    let mut out = String::with_capacity(256);
+    for (i, (k, names)) in [
+        ("initContainers", inits),
+        ("containers", containers),
+        ("volumes", volumes),
+        ("imagePullSecrets", secrets),
     ]
-    .iter()
+    .into_iter()
     .enumerate()
     {
-        if i > 0 {
-            s.push(',');
+        out.push_str(if i == 0 { "{\"" } else { ",\"" });
+        out.push_str(k);
+        out.push_str("\":");
+        if names.is_empty() {
+            out.push_str("null");
+        } else {
+            out.push_str(&serde_json::to_string(names).unwrap_or_default());
         }
-        s.push_str(&format!("\"{k}\":{}", st[*k]));
     }
-    s.push('}');
-    s
+    out.push_str(",\"revision\":");
+    out.push_str(&serde_json::to_string(revision).unwrap_or_default());
+    out.push('}');
+    out
 }
 
 fn push_env(proxy: &mut Value, e: Value) {

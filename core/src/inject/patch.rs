@@ -39,6 +39,9 @@ impl PatchOp {
 
 /// Escape one JSON-pointer token (RFC 6901): `~` → `~0`, `/` → `~1`.
 pub fn escape_token(s: &str) -> String {
+    if !s.contains(['~', '/']) {
+        return s.to_string();
+    }
     s.replace('~', "~0").replace('/', "~1")
 }
 
@@ -248,6 +251,7 @@ pub fn render_pod(
         settings,
         overrides,
         &cfg.injected_annotations,
+        &inputs.prebuilt,
     )?;
     // The plugin's own parser, on the pod as it will be: a value it would refuse at pod start
     // is refused now, while the author is still looking.
@@ -278,6 +282,8 @@ pub struct RenderInputs {
     /// annotations still win over either).
     pub settings: std::sync::Arc<istio::Resolved>,
     pub overrides: Overrides,
+    /// The sidecar's settings-only parts.
+    pub prebuilt: istio::Prebuilt,
     /// What these were built from: the config's `proxy` section, its resolved settings, the
     /// profile's proxy fields.
     proxy: super::config::ProxyTemplate,
@@ -293,15 +299,17 @@ impl RenderInputs {
             std::sync::Arc::make_mut(&mut settings).resources = Some(json!(r));
         }
         let (uid, gid) = cfg.proxy_ids(profile);
+        let overrides = Overrides {
+            name: cfg.proxy_name(profile).to_string(),
+            image: cfg.proxy.image.clone(),
+            uid,
+            gid,
+            container: config_overlay(cfg),
+        };
         Ok(RenderInputs {
+            prebuilt: istio::Prebuilt::new(&settings, &overrides),
             settings,
-            overrides: Overrides {
-                name: cfg.proxy_name(profile).to_string(),
-                image: cfg.proxy.image.clone(),
-                uid,
-                gid,
-                container: config_overlay(cfg),
-            },
+            overrides,
             proxy: cfg.proxy.clone(),
             resolved: cfg.resolved.clone(),
             proxy_container: profile.proxy_container,
