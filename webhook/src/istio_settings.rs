@@ -16,12 +16,12 @@ use podwire_core::MeshProfile;
 use serde_json::Value;
 use std::sync::{Arc, Mutex, RwLock};
 
-/// The config requests use, replaced whole when Istio's settings change.
+/// The config requests use, replaced whole when Istio's settings or the config file change.
 #[derive(Debug)]
 pub struct LiveConfig {
     current: RwLock<Arc<InjectorConfig>>,
     /// The config file as loaded (before Istio's settings).
-    file: InjectorConfig,
+    file: Mutex<InjectorConfig>,
     origin: String,
     profile: MeshProfile,
     istio: Mutex<(Option<Value>, Option<Value>)>,
@@ -32,7 +32,7 @@ impl LiveConfig {
     pub fn fixed(config: InjectorConfig, profile: MeshProfile) -> Self {
         LiveConfig {
             current: RwLock::new(Arc::new(config.clone())),
-            file: config,
+            file: Mutex::new(config),
             origin: String::new(),
             profile,
             istio: Mutex::new((None, None)),
@@ -51,7 +51,7 @@ impl LiveConfig {
             with_istio_settings(file.clone(), values.clone(), mesh.clone(), origin, &profile)?;
         Ok(LiveConfig {
             current: RwLock::new(Arc::new(merged)),
-            file,
+            file: Mutex::new(file),
             origin: origin.to_string(),
             profile,
             istio: Mutex::new((values, mesh)),
@@ -75,8 +75,9 @@ impl LiveConfig {
             IstioSetting::Values => values = Some(value),
             IstioSetting::Mesh => mesh = Some(value),
         }
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let merged = with_istio_settings(
-            self.file.clone(),
+            file,
             values.clone(),
             mesh.clone(),
             &self.origin,
@@ -85,6 +86,23 @@ impl LiveConfig {
         *istio = (values, mesh);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(())
+    }
+
+    /// Apply a changed config file (over Istio's settings now); one that does not check keeps
+    /// the previous config (and says why). `Ok(false)`: the file's config is the one in use.
+    pub fn replace_file(&self, config: InjectorConfig) -> Result<bool, Error> {
+        // Same lock order as `update`: Istio's settings, then the file.
+        let istio = self.istio.lock().unwrap_or_else(|p| p.into_inner());
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if *file == config {
+            return Ok(false);
+        }
+        let (values, mesh) = istio.clone();
+        let merged =
+            with_istio_settings(config.clone(), values, mesh, &self.origin, &self.profile)?;
+        *file = config;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+        Ok(true)
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod certs;
 pub mod config;
+pub mod filewatch;
 pub mod istio_settings;
 pub mod memo;
 pub mod metrics;

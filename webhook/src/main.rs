@@ -114,7 +114,8 @@ struct ServeArgs {
     /// How often the leader re-checks the Secret and caBundle besides reacting to changes.
     #[arg(long, hide = true, default_value = "30s", value_parser = parse_duration)]
     reconcile_interval: Duration,
-    /// How often certificate files are re-read even without a change notification.
+    /// How often the files given here (certificates, config, Istio's settings) are re-read
+    /// even without a change notification.
     #[arg(long, hide = true, default_value = "30s", value_parser = parse_duration)]
     cert_poll_interval: Duration,
     /// Do not watch namespaces: the namespaceSelector is then only applied by the API server.
@@ -296,6 +297,72 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new connections, finishing open ones");
 }
 
+/// The config file, and Istio's settings when given as files (`--values-file`,
+/// `--mesh-config-file`), re-read when they change (a mounted ConfigMap) and applied without a
+/// restart; a file that does not load or check keeps the config in use, and says so.
+/// `last`: the Istio settings read from files at start-up.
+fn spawn_config_reloader(
+    args: &ServeArgs,
+    profile: &MeshProfile,
+    live: Arc<podwire_injector::istio_settings::LiveConfig>,
+    last: [Option<serde_json::Value>; 2],
+) -> Result<()> {
+    use podwire_injector::{load_istio_setting, IstioSetting};
+    let path = args.config.clone();
+    let mut istio: Vec<_> = [
+        (&args.values_file, IstioSetting::Values),
+        (&args.mesh_config_file, IstioSetting::Mesh),
+    ]
+    .into_iter()
+    .zip(last)
+    .filter_map(|((p, what), last)| Some((p.clone()?, what, last)))
+    .collect();
+    let watched: Vec<PathBuf> = std::iter::once(path.clone())
+        .chain(istio.iter().map(|(p, _, _)| p.clone()))
+        .collect();
+    let watched: Vec<&Path> = watched.iter().map(PathBuf::as_path).collect();
+    let profile = profile.clone();
+    let reload = move || {
+        for (p, what, last) in &mut istio {
+            match load_istio_setting(p, *what) {
+                Ok(v) if last.as_ref() == Some(&v) => {}
+                Ok(v) => match live.update(*what, v.clone()) {
+                    Ok(()) => {
+                        tracing::info!("applied Istio's settings from {}", p.display());
+                        *last = Some(v);
+                    }
+                    Err(e) => tracing::warn!(
+                        "{} changed but is not usable, keeping the config in use: {e}",
+                        p.display()
+                    ),
+                },
+                Err(e) => tracing::warn!("{e}; keeping the config in use"),
+            }
+        }
+        match load_config(&path, &profile).map(|l| (live.replace_file(l.config), l.warnings)) {
+            Ok((Ok(true), warnings)) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!("applied the config file {}", path.display());
+            }
+            Ok((Ok(false), _)) => {}
+            Ok((Err(e), _)) => tracing::warn!(
+                "{} changed but is not usable, keeping the config in use: {e}",
+                path.display()
+            ),
+            Err(e) => tracing::warn!("{e}; keeping the config in use"),
+        }
+    };
+    podwire_injector::filewatch::spawn(
+        &watched,
+        args.cert_poll_interval,
+        "the config files",
+        reload,
+    )?;
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     use podwire_injector::{metrics::Metrics, namespaces, serve, tls};
     let profile = MeshProfile::istio();
@@ -355,6 +422,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
             watch_mesh = true;
         }
     }
+    let from_files = [
+        (!watch_values).then(|| values.clone()).flatten(),
+        (!watch_mesh).then(|| mesh.clone()).flatten(),
+    ];
     let live = Arc::new(LiveConfig::new(
         cfg.config,
         &args.config.display().to_string(),
@@ -362,6 +433,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         mesh,
         profile.clone(),
     )?);
+    spawn_config_reloader(&args, &profile, live.clone(), from_files)?;
     let mut tasks = Vec::new();
     let mut lease = None;
     if let Some(files) = files {

@@ -185,47 +185,18 @@ impl CertFiles {
     /// swaps a `..data` symlink) change, and every `poll` in case an event was missed. A
     /// broken pair is reported and the previous certificate kept.
     pub fn spawn_reloader(self, store: Arc<CertStore>, poll: Duration) -> Result<(), Error> {
-        use notify::Watcher as _;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
-            let _ = tx.try_send(());
-        })
-        .map_err(|e| Error::Tls {
-            what: "watching the certificate files".into(),
-            reason: e.to_string(),
-        })?;
-        let mut dirs: Vec<PathBuf> = [&self.cert, &self.key]
-            .iter()
-            .map(|p| match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            })
-            .collect();
-        dirs.dedup();
-        for d in &dirs {
-            watcher
-                .watch(d, notify::RecursiveMode::NonRecursive)
-                .map_err(|e| Error::Tls {
-                    what: format!("watching {} for certificate changes", d.display()),
-                    reason: e.to_string(),
-                })?;
-        }
-        tokio::spawn(async move {
-            let _keep = watcher;
-            loop {
-                let _ = tokio::time::timeout(poll, rx.recv()).await;
-                // Let a writer finish the pair (cert then key) before reading.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while rx.try_recv().is_ok() {}
-                match self.load() {
-                    Ok(cert) => {
-                        store.install(cert);
-                    }
-                    Err(e) => tracing::warn!("{e}; still serving the previous certificate"),
+        let files = [self.cert.clone(), self.key.clone()];
+        crate::filewatch::spawn(
+            &[&files[0], &files[1]],
+            poll,
+            "the certificate files",
+            move || match self.load() {
+                Ok(cert) => {
+                    store.install(cert);
                 }
-            }
-        });
-        Ok(())
+                Err(e) => tracing::warn!("{e}; still serving the previous certificate"),
+            },
+        )
     }
 }
 

@@ -409,3 +409,69 @@ fn namespace_labels_come_from_a_watch_and_match_review() {
     );
     assert!(api.count("GET", "/api/v1/namespaces") >= 2, "list + watch");
 }
+
+#[test]
+fn config_file_changes_apply_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, args) = external_tls(dir.path());
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("--no-namespace-watch");
+    // As a mounted ConfigMap: its own directory, updated by writing a new file and renaming it.
+    let cfg_dir = dir.path().join("config");
+    std::fs::create_dir(&cfg_dir).expect("config dir");
+    let cfg = cfg_dir.join("config.yaml");
+    let original = std::fs::read_to_string(fixture("config.yaml")).expect("config");
+    std::fs::write(&cfg, &original).expect("config");
+    let replace = |text: &str| {
+        let tmp = cfg_dir.join(".config.yaml.new");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, &cfg).expect("rename");
+    };
+    let inj = start_with(&cfg, &args, &[]);
+    let agent = client(&ca);
+    let body = fixture_bytes("controller-pod.json");
+    let patch = || -> String {
+        let (code, b) = post(&agent, &inj.url("/inject"), &body).expect("inject");
+        assert_eq!(code, 200, "{b}");
+        let v: Value = serde_json::from_str(&b).expect("JSON");
+        let p = v["response"]["patch"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        use base64::Engine;
+        let p = base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .expect("base64");
+        String::from_utf8(p).expect("UTF-8")
+    };
+    // Twice: the second answer comes from the memo, which the change must not outlive.
+    assert!(patch().contains("\"podwire\""));
+    assert!(patch().contains("\"podwire\""));
+    replace(&original.replace(
+        "example.com/injected-by: podwire",
+        "example.com/injected-by: podwire-reloaded",
+    ));
+    eventually(
+        "the changed config file is applied",
+        Duration::from_secs(15),
+        || patch().contains("podwire-reloaded"),
+    );
+    assert!(
+        inj.log().contains("applied the config file"),
+        "{}",
+        inj.log()
+    );
+    // A broken file (not YAML for the config) is refused; the config in use stays.
+    replace("policy: [unterminated\n");
+    eventually(
+        "the broken config file is reported",
+        Duration::from_secs(15),
+        || inj.log().contains("keeping the config in use"),
+    );
+    assert!(patch().contains("podwire-reloaded"));
+    assert!(
+        inj.log().contains(&cfg.display().to_string()),
+        "{}",
+        inj.log()
+    );
+}

@@ -79,10 +79,14 @@ impl Drop for Injector {
 /// `podwire-injector --log-level info serve --config tests/fixtures/config.yaml --listen
 /// 127.0.0.1:0 ARGS`; returns once it listens.
 pub fn start(args: &[&str], env: &[(&str, &str)]) -> Injector {
-    let config = fixture("config.yaml");
+    start_with(&fixture("config.yaml"), args, env)
+}
+
+/// [`start`] with another config file.
+pub fn start_with(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Injector {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podwire-injector"));
     cmd.args(["--log-level", "info", "serve", "--config"])
-        .arg(&config)
+        .arg(config)
         .args(["--listen", "127.0.0.1:0"])
         // Istio's settings come from the config file here (tests/istio_settings.rs reads
         // them from the cluster).
