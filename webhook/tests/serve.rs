@@ -422,11 +422,17 @@ fn config_file_changes_apply_without_a_restart() {
     let cfg = cfg_dir.join("config.yaml");
     let original = std::fs::read_to_string(fixture("config.yaml")).expect("config");
     std::fs::write(&cfg, &original).expect("config");
-    let replace = |text: &str| {
-        let tmp = cfg_dir.join(".config.yaml.new");
+    let values = cfg_dir.join("values.yaml");
+    let level = |l: &str| format!("global:\n  proxy:\n    logLevel: {l}\n");
+    std::fs::write(&values, level("error")).expect("values");
+    let write = |path: &std::path::Path, text: &str| {
+        let tmp = cfg_dir.join(".new");
         std::fs::write(&tmp, text).expect("write");
-        std::fs::rename(&tmp, &cfg).expect("rename");
+        std::fs::rename(&tmp, path).expect("rename");
     };
+    let replace = |text: &str| write(&cfg, text);
+    let values_arg = values.display().to_string();
+    args.extend(["--values-file", values_arg.as_str()]);
     let inj = start_with(&cfg, &args, &[]);
     let agent = client(&ca);
     let body = fixture_bytes("controller-pod.json");
@@ -474,4 +480,13 @@ fn config_file_changes_apply_without_a_restart() {
         "{}",
         inj.log()
     );
+    // Istio's settings given as a file reload the same way.
+    assert!(patch().contains("--proxyLogLevel=error"));
+    write(&values, &level("debug"));
+    eventually(
+        "the changed values file is applied",
+        Duration::from_secs(15),
+        || patch().contains("--proxyLogLevel=debug"),
+    );
+    assert!(patch().contains("podwire-reloaded"));
 }
