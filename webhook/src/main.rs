@@ -322,36 +322,58 @@ fn spawn_config_reloader(
         .collect();
     let watched: Vec<&Path> = watched.iter().map(PathBuf::as_path).collect();
     let profile = profile.clone();
+    // The last failure per file (config file last), said once until it changes or clears.
+    let mut failed: Vec<Option<String>> = vec![None; istio.len() + 1];
+    let warn_once = |slot: &mut Option<String>, msg: String| {
+        if slot.as_ref() != Some(&msg) {
+            tracing::warn!("{msg}");
+            *slot = Some(msg);
+        }
+    };
     let reload = move || {
-        for (p, what, last) in &mut istio {
+        for (i, (p, what, last)) in istio.iter_mut().enumerate() {
             match load_istio_setting(p, *what) {
                 Ok(v) if last.as_ref() == Some(&v) => {}
-                Ok(v) => match live.update(*what, v.clone()) {
-                    Ok(()) => {
-                        tracing::info!("applied Istio's settings from {}", p.display());
-                        *last = Some(v);
+                Ok(v) => {
+                    let applied = live.update(*what, v.clone());
+                    // Not retried until the file changes again.
+                    *last = Some(v);
+                    match applied {
+                        Ok(()) => {
+                            failed[i] = None;
+                            tracing::info!("applied Istio's settings from {}", p.display());
+                        }
+                        Err(e) => warn_once(
+                            &mut failed[i],
+                            format!(
+                                "{} changed but is not usable, keeping the config in use: {e}",
+                                p.display()
+                            ),
+                        ),
                     }
-                    Err(e) => tracing::warn!(
-                        "{} changed but is not usable, keeping the config in use: {e}",
-                        p.display()
-                    ),
-                },
-                Err(e) => tracing::warn!("{e}; keeping the config in use"),
+                }
+                Err(e) => warn_once(&mut failed[i], format!("{e}; keeping the config in use")),
             }
         }
+        let slot = failed.len() - 1;
         match load_config(&path, &profile).map(|l| (live.replace_file(l.config), l.warnings)) {
-            Ok((Ok(true), warnings)) => {
-                for w in warnings {
-                    tracing::warn!("{w}");
+            Ok((Ok(changed), warnings)) => {
+                failed[slot] = None;
+                if changed {
+                    for w in warnings {
+                        tracing::warn!("{w}");
+                    }
+                    tracing::info!("applied the config file {}", path.display());
                 }
-                tracing::info!("applied the config file {}", path.display());
             }
-            Ok((Ok(false), _)) => {}
-            Ok((Err(e), _)) => tracing::warn!(
-                "{} changed but is not usable, keeping the config in use: {e}",
-                path.display()
+            Ok((Err(e), _)) => warn_once(
+                &mut failed[slot],
+                format!(
+                    "{} changed but is not usable, keeping the config in use: {e}",
+                    path.display()
+                ),
             ),
-            Err(e) => tracing::warn!("{e}; keeping the config in use"),
+            Err(e) => warn_once(&mut failed[slot], format!("{e}; keeping the config in use")),
         }
     };
     podwire_injector::filewatch::spawn(

@@ -10,7 +10,7 @@
 //! other request, and any pod over [`Memo::MAX_OBJECT_BYTES`], takes the full review. The memo
 //! holds at most [`Memo::MAX_ENTRIES`] answers and [`Memo::MAX_BYTES`], oldest evicted first.
 
-use crate::admission::{API_VERSION, KIND};
+use crate::admission::{GroupVersionKind, GroupVersionResource, API_VERSION, KIND};
 use crate::review::{Outcome, Reviewed};
 use podwire_core::inject::{InjectorConfig, Labels, Step};
 use serde::Deserialize;
@@ -23,14 +23,19 @@ use std::sync::{Arc, Mutex};
 const HEAD: &str =
     r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#;
 
-/// The parts of an AdmissionReview the memo reads, borrowed from the body (the pod object is
-/// only checked to be JSON, never built as a tree).
+/// An AdmissionReview as `review` reads it (`review.rs`'s envelope and [`AdmissionRequest`]'s
+/// fields, with the same types and defaults, so that the memo reads exactly the bodies a review
+/// accepts), borrowing the pod object (only checked to be JSON, never built as a tree).
+///
+/// [`AdmissionRequest`]: crate::admission::AdmissionRequest
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Envelope<'a> {
+    #[serde(default)]
     api_version: String,
+    #[serde(default)]
     kind: String,
-    #[serde(borrow)]
+    #[serde(default, borrow)]
     request: Option<RequestView<'a>>,
 }
 
@@ -39,7 +44,10 @@ struct Envelope<'a> {
 struct RequestView<'a> {
     uid: String,
     #[serde(default)]
-    kind: Gvk,
+    kind: GroupVersionKind,
+    #[serde(default)]
+    #[allow(dead_code)] // checked by parsing, as review does
+    resource: GroupVersionResource,
     #[serde(default)]
     sub_resource: String,
     #[serde(default)]
@@ -48,18 +56,10 @@ struct RequestView<'a> {
     namespace: String,
     #[serde(default)]
     operation: String,
-    #[serde(borrow)]
+    #[serde(default, borrow)]
     object: Option<&'a RawValue>,
     #[serde(default)]
     dry_run: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Gvk {
-    #[serde(default)]
-    group: String,
-    #[serde(default)]
-    kind: String,
 }
 
 /// A pod CREATE as the memo keys it.
@@ -397,6 +397,16 @@ mod tests {
             with(&body, |v| v["request"]["namespace"] = json!("")),
         ] {
             assert!(Request::read(&other).is_none());
+        }
+        // Fields review checks by type, though the answer does not use them: a body it finds
+        // malformed is not read here either.
+        for malformed in [
+            with(&body, |v| v["request"]["resource"] = json!("pods")),
+            with(&body, |v| v["request"]["kind"]["version"] = json!(1)),
+        ] {
+            assert!(Request::read(&malformed).is_none());
+            let fresh = review_resolving(&malformed, &cfg, &|_| None, &MeshProfile::istio());
+            assert_eq!(fresh.outcome, Outcome::Malformed);
         }
         // A new config empties the memo.
         let other_cfg = Arc::new((*cfg).clone());

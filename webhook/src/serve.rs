@@ -345,7 +345,12 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
             return json(StatusCode::OK, hit.body(&r.uid));
         }
     }
-    let reviewed = review_resolving(&body, &config, &labels_of, &state.profile);
+    // A memo-able request is reviewed with the very labels its answer is kept under (the
+    // namespace watch may change them meanwhile).
+    let reviewed = match &memo_labels {
+        Some(labels) => review_resolving(&body, &config, &|_| labels.clone(), &state.profile),
+        None => review_resolving(&body, &config, &labels_of, &state.profile),
+    };
     // Sized once: the base64 patch plus the envelope and warnings.
     let size = reviewed
         .review

@@ -489,4 +489,11 @@ fn config_file_changes_apply_without_a_restart() {
         || patch().contains("--proxyLogLevel=debug"),
     );
     assert!(patch().contains("podwire-reloaded"));
+    // The broken config file, still there at that reload, was reported once, not again.
+    assert_eq!(
+        inj.log().matches("keeping the config in use").count(),
+        1,
+        "{}",
+        inj.log()
+    );
 }
