@@ -604,7 +604,6 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
         Family::V4 => NFPROTO_IPV4,
         Family::V6 => NFPROTO_IPV6,
     };
-    let nft = |msg: u16| (NFNL_SUBSYS_NFTABLES << 8) | msg;
     for c in &set.chains {
         if base_chain(c).is_some() || c.is_empty() || c.len() > 28 {
             return Err(NftFailure::unsupported(format!(
@@ -620,62 +619,23 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
         rules.push((r, rule_exprs(r, set.family)?));
     }
 
-    let mut bytes = Vec::with_capacity(8192);
-    let mut acked = Vec::new();
-    let mut seq = seq0;
-    let begin_seq = seq;
-    Msg::new(
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-    )
-    .finish(&mut bytes);
-    let mut starts = Vec::new();
-    let mut push = |m: Msg, what: String, seq: u32, bytes: &mut Vec<u8>| {
-        starts.push(bytes.len());
-        m.finish(bytes);
-        acked.push((seq, what));
-    };
-
-    seq += 1;
-    let mut m = Msg::new(
-        nft(NFT_MSG_NEWTABLE),
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-        seq,
-        family,
-        0,
-    );
+    let mut b = Builder::begin(seq0, family);
+    let mut m = b.msg(NFT_MSG_NEWTABLE, NLM_F_CREATE);
     m.str(NFTA_TABLE_NAME, TABLE);
-    push(m, format!("table {TABLE}"), seq, &mut bytes);
+    b.push(m, format!("table {TABLE}"));
 
     for c in &set.chains {
-        seq += 1;
-        let mut m = Msg::new(
-            nft(NFT_MSG_NEWCHAIN),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL,
-            seq,
-            family,
-            0,
-        );
+        let mut m = b.msg(NFT_MSG_NEWCHAIN, NLM_F_EXCL);
         m.str(NFTA_CHAIN_TABLE, TABLE);
         m.str(NFTA_CHAIN_NAME, c);
-        push(m, format!("-N {c}"), seq, &mut bytes);
+        b.push(m, format!("-N {c}"));
     }
     let mut bases: Vec<&str> = Vec::new();
     for (r, (exprs, proto)) in rules {
         if let Some((hook, prio)) = base_chain(&r.chain) {
             if !bases.contains(&r.chain.as_str()) {
                 bases.push(&r.chain);
-                seq += 1;
-                let mut m = Msg::new(
-                    nft(NFT_MSG_NEWCHAIN),
-                    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-                    seq,
-                    family,
-                    0,
-                );
+                let mut m = b.msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE);
                 m.str(NFTA_CHAIN_TABLE, TABLE);
                 m.str(NFTA_CHAIN_NAME, &r.chain);
                 m.nest(NFTA_CHAIN_HOOK, |m| {
@@ -683,17 +643,10 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
                     m.attr(NFTA_HOOK_PRIORITY, &prio.to_be_bytes());
                 });
                 m.str(NFTA_CHAIN_TYPE, "nat");
-                push(m, format!("base chain {}", r.chain), seq, &mut bytes);
+                b.push(m, format!("base chain {}", r.chain));
             }
         }
-        seq += 1;
-        let mut m = Msg::new(
-            nft(NFT_MSG_NEWRULE),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
-            seq,
-            family,
-            0,
-        );
+        let mut m = b.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
         m.str(NFTA_RULE_TABLE, TABLE);
         m.str(NFTA_RULE_CHAIN, &r.chain);
         m.nest(NFTA_RULE_EXPRESSIONS, |m| {
@@ -705,32 +658,84 @@ pub fn encode(set: &RuleSet, seq0: u32) -> Result<Batch, NftFailure> {
             m.be32(NFTA_RULE_COMPAT_PROTO, proto);
             m.be32(NFTA_RULE_COMPAT_FLAGS, 0);
         });
-        push(
-            m,
-            format!("-A {} {}", r.chain, r.args.join(" ")),
+        b.push(m, format!("-A {} {}", r.chain, r.args.join(" ")));
+    }
+    Ok(b.end())
+}
+
+/// A batch being encoded: BATCH_BEGIN, then one message per object, each with the next
+/// sequence number, then BATCH_END.
+struct Builder {
+    bytes: Vec<u8>,
+    begin_seq: u32,
+    seq: u32,
+    family: u8,
+    /// Where each message of the batch starts in `bytes`.
+    starts: Vec<usize>,
+    acked: Vec<(u32, String)>,
+}
+
+impl Builder {
+    fn begin(seq: u32, family: u8) -> Self {
+        let mut bytes = Vec::with_capacity(8192);
+        Msg::new(
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
             seq,
-            &mut bytes,
-        );
+            0,
+            NFNL_SUBSYS_NFTABLES,
+        )
+        .finish(&mut bytes);
+        Builder {
+            bytes,
+            begin_seq: seq,
+            seq,
+            family,
+            starts: Vec::new(),
+            acked: Vec::new(),
+        }
     }
-    // Errors come back whatever the flags; an ack only for the last message.
-    for &at in starts.iter().rev().skip(1) {
-        let flags = u16::from_ne_bytes([bytes[at + 6], bytes[at + 7]]) & !NLM_F_ACK;
-        bytes[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+
+    /// A new nf_tables `msg` (request, ack, `flags`) with the next sequence number.
+    fn msg(&mut self, msg: u16, flags: u16) -> Msg {
+        self.seq += 1;
+        Msg::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            self.seq,
+            self.family,
+            0,
+        )
     }
-    seq += 1;
-    Msg::new(
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-    )
-    .finish(&mut bytes);
-    Ok(Batch {
-        bytes,
-        begin_seq,
-        acked,
-    })
+
+    /// Append `m` (the last [`Builder::msg`]); `what` names it in error messages.
+    fn push(&mut self, m: Msg, what: String) {
+        self.starts.push(self.bytes.len());
+        m.finish(&mut self.bytes);
+        self.acked.push((self.seq, what));
+    }
+
+    fn end(mut self) -> Batch {
+        // Errors come back whatever the flags; an ack only for the last message.
+        for &at in self.starts.iter().rev().skip(1) {
+            let b = &mut self.bytes;
+            let flags = u16::from_ne_bytes([b[at + 6], b[at + 7]]) & !NLM_F_ACK;
+            b[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+        }
+        Msg::new(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            self.seq + 1,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+        )
+        .finish(&mut self.bytes);
+        Batch {
+            bytes: self.bytes,
+            begin_seq: self.begin_seq,
+            acked: self.acked,
+        }
+    }
 }
 
 /// Send `batch` on a netfilter netlink socket of the calling thread's network namespace and
