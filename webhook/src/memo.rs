@@ -130,7 +130,13 @@ struct Entry {
 
 impl Entry {
     fn size(&self) -> usize {
-        self.object.len() + self.answer.tail.len() + self.answer.summary.len()
+        let labels = self.labels.iter().flatten().map(|(k, v)| k.len() + v.len());
+        self.object.len()
+            + self.answer.tail.len()
+            + self.answer.summary.len()
+            + self.namespace.len()
+            + self.name.len()
+            + labels.sum::<usize>()
     }
 }
 
