@@ -373,8 +373,12 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     );
     match answer {
         Ok(body) => {
+            // Kept only under the config still in use: an answer reviewed under one replaced
+            // meanwhile would empty the memo of the new config's answers.
             if let (Some(r), Some(labels)) = (&memo_request, memo_labels) {
-                state.memo.put(r, &config, labels, &reviewed, &body);
+                if Arc::ptr_eq(&config, &state.config.get()) {
+                    state.memo.put(r, &config, labels, &reviewed, &body);
+                }
             }
             json(StatusCode::OK, body)
         }
