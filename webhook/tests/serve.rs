@@ -55,25 +55,31 @@ fn offline_review_of(body: &[u8], extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("review answer")
 }
 
-fn external_tls(dir: &std::path::Path) -> (String, Vec<String>) {
+/// An injector serving certificate files written in `dir`, with `config` and `extra`
+/// arguments, `env`; a client trusting its CA, and the CA.
+fn serving(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Injector, ureq::Agent, String) {
     let ca = write_cert(dir, "tls", Duration::from_secs(3600));
-    let args = vec![
-        "--tls-cert".to_string(),
-        dir.join("tls.crt").display().to_string(),
-        "--tls-key".to_string(),
-        dir.join("tls.key").display().to_string(),
-    ];
-    (ca, args)
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut args = vec!["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    args.extend(extra);
+    (start_with(config, &args, env), client(&ca), ca)
 }
 
 #[test]
 fn https_answers_equal_the_offline_review_for_every_fixture() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (ca, args) = external_tls(dir.path());
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.push("--no-namespace-watch");
-    let inj = start(&args, &[]);
-    let agent = client(&ca);
+    let (inj, agent, _) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &["--no-namespace-watch"],
+        &[],
+    );
     for name in FIXTURES {
         let (code, body) = post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
         assert_eq!(code, 200, "{name}: {body}");
@@ -141,17 +147,18 @@ fn https_answers_equal_the_offline_review_for_every_fixture() {
 #[test]
 fn bad_requests_get_clean_answers_never_500() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (ca, args) = external_tls(dir.path());
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.extend([
-        "--no-namespace-watch",
-        "--max-body-bytes",
-        "8192",
-        "--request-timeout",
-        "1s",
-    ]);
-    let inj = start(&args, &[]);
-    let agent = client(&ca);
+    let (inj, agent, ca) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &[
+            "--no-namespace-watch",
+            "--max-body-bytes",
+            "8192",
+            "--request-timeout",
+            "1s",
+        ],
+        &[],
+    );
     let url = inj.url("/inject");
 
     // Oversized, with a Content-Length: 413 with an AdmissionReview-shaped denial.
@@ -223,11 +230,12 @@ fn bad_requests_get_clean_answers_never_500() {
 #[test]
 fn health_readiness_metrics_and_dry_run() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (ca, args) = external_tls(dir.path());
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.push("--no-namespace-watch");
-    let inj = start(&args, &[]);
-    let agent = client(&ca);
+    let (inj, agent, _) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &["--no-namespace-watch"],
+        &[],
+    );
     assert_eq!(
         get(&agent, &inj.url("/healthz")).expect("healthz"),
         (200, "ok\n".into())
@@ -284,11 +292,12 @@ fn health_readiness_metrics_and_dry_run() {
 #[test]
 fn cert_files_are_reloaded_without_dropping_connections() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (ca1, args) = external_tls(dir.path());
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.push("--no-namespace-watch");
-    let inj = start(&args, &[]);
-    let old = client(&ca1);
+    let (inj, old, ca1) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &["--no-namespace-watch"],
+        &[],
+    );
     let body = fixture_bytes("controller-pod.json");
     assert_eq!(
         post(&old, &inj.url("/inject"), &body).expect("first").0,
@@ -354,10 +363,12 @@ fn namespace_labels_come_from_a_watch_and_match_review() {
     api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
         .expect("kubeconfig");
     let kubeconfig = dir.path().join("kubeconfig").display().to_string();
-    let (ca, args) = external_tls(dir.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let inj = start(&args, &[("KUBECONFIG", &kubeconfig)]);
-    let agent = client(&ca);
+    let (inj, agent, _) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &[],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
     eventually(
         "ready once the namespace watch synced",
         Duration::from_secs(20),
@@ -413,9 +424,6 @@ fn namespace_labels_come_from_a_watch_and_match_review() {
 #[test]
 fn config_file_changes_apply_without_a_restart() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (ca, args) = external_tls(dir.path());
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.push("--no-namespace-watch");
     // As a mounted ConfigMap: its own directory, updated by writing a new file and renaming it.
     let cfg_dir = dir.path().join("config");
     std::fs::create_dir(&cfg_dir).expect("config dir");
@@ -432,9 +440,12 @@ fn config_file_changes_apply_without_a_restart() {
     };
     let replace = |text: &str| write(&cfg, text);
     let values_arg = values.display().to_string();
-    args.extend(["--values-file", values_arg.as_str()]);
-    let inj = start_with(&cfg, &args, &[]);
-    let agent = client(&ca);
+    let (inj, agent, _) = serving(
+        dir.path(),
+        &cfg,
+        &["--no-namespace-watch", "--values-file", values_arg.as_str()],
+        &[],
+    );
     let body = fixture_bytes("controller-pod.json");
     let patch = || -> String {
         let (code, b) = post(&agent, &inj.url("/inject"), &body).expect("inject");
