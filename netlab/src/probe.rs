@@ -94,6 +94,26 @@ pub fn connect(ns: &Netns, dst: &str) -> Result<Seen> {
     parse_seen(&line)
 }
 
+/// [`connect`] as `uid` (gid `uid`, no supplementary groups), so that the rules' owner matches
+/// see that uid: `setpriv` running busybox `nc` inside `ns`, to `ip:port`.
+pub fn connect_as(ns: &Netns, uid: u32, ip: &str, port: u16) -> Result<Seen> {
+    let out = ns
+        .output(std::process::Command::new("setpriv").args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "busybox",
+            "nc",
+            "-w",
+            "3",
+            ip,
+            &port.to_string(),
+        ]))
+        .context("setpriv busybox nc (apt-get install busybox-static util-linux)")?;
+    anyhow::ensure!(out.status.success(), "nc as {uid}: {out:?}");
+    parse_seen(&String::from_utf8_lossy(&out.stdout))
+}
+
 pub fn parse_seen(line: &str) -> Result<Seen> {
     let mut it = line.split_whitespace();
     let mut next = || {

@@ -12,7 +12,6 @@ use podwire_lab::lab::{pod_manifest, Lab, APP_PORT, NODE_V4};
 use podwire_lab::probe::{self, connect};
 use podwire_lab::require_root;
 use serde_json::{json, Value};
-use std::process::Command;
 
 /// A mesh pod in the native-sidecar layout, proxy running as `uid`.
 fn native_sidecar_pod(namespace: &str, name: &str, uid: u32) -> serde_json::Value {
@@ -26,23 +25,8 @@ fn native_sidecar_pod(namespace: &str, name: &str, uid: u32) -> serde_json::Valu
 }
 
 fn nc_as(pod: &podwire_lab::lab::Pod, uid: u32) -> String {
-    let out = pod
-        .netns
-        .output(Command::new("setpriv").args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            "busybox",
-            "nc",
-            "-w",
-            "3",
-            NODE_V4,
-            &APP_PORT.to_string(),
-        ]))
-        .expect("setpriv busybox nc (apt-get install busybox-static util-linux)");
-    assert!(out.status.success(), "nc as {uid}: {out:?}");
-    probe::parse_seen(&String::from_utf8_lossy(&out.stdout))
-        .expect("answer")
+    probe::connect_as(&pod.netns, uid, NODE_V4, APP_PORT)
+        .expect("connect as uid")
         .label
 }
 

@@ -9,7 +9,6 @@ use podwire_lab::lab::{pod_manifest, Lab, APP_PORT, NODE_V4, NODE_V6};
 use podwire_lab::probe::{self, connect};
 use podwire_lab::require_root;
 use serde_json::json;
-use std::process::Command;
 
 fn node4() -> String {
     format!("{NODE_V4}:{APP_PORT}")
@@ -85,24 +84,9 @@ fn proxy_uid_bypasses_and_other_uids_do_not() {
         .expect("publish");
     let pod = lab.start_pod("default", "uidpod").expect("pod");
     probe::start_proxy(&pod.netns, false).expect("proxy");
-    let as_uid = |uid: u32| {
-        let out = pod
-            .netns
-            .output(Command::new("setpriv").args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-                "busybox",
-                "nc",
-                "-w",
-                "3",
-                NODE_V4,
-                &APP_PORT.to_string(),
-            ]))
-            .expect("setpriv busybox nc (apt-get install busybox-static util-linux)");
-        assert!(out.status.success(), "nc as {uid}: {out:?}");
-        probe::parse_seen(&String::from_utf8_lossy(&out.stdout)).expect("answer")
-    };
+    let as_uid =
+        |uid: u32| probe::connect_as(&pod.netns, uid, NODE_V4, APP_PORT).expect("connect as uid");
+
     assert_eq!(
         as_uid(1337).label,
         "NODE",
