@@ -395,28 +395,19 @@ mod tests {
         let lock = lock();
         for family in [Family::V4, Family::V6] {
             let set = default_set(family);
+            // One ADD in `ns` with a fresh tool set, the batch sent by `program`.
+            let add = |ns: &Netns, backend: Concrete, program: Programmer| {
+                let tools = LazyTools::new(backend, family, &lock);
+                ns.run(|| apply(&tools, &set, &[], Some(program), "test/pod"))
+                    .expect("thread")
+            };
             let (a, b) = (
                 Netns::new("ft").expect("netns"),
                 Netns::new("ft").expect("netns"),
             );
-            let tools = LazyTools::new(Concrete::Nft, family, &lock);
-            let via = a
-                .run(|| apply(&tools, &set, &[], Some(refused), "test/pod"))
-                .expect("thread")
-                .expect("fallback programs the rules");
+            let via = add(&a, Concrete::Nft, refused).expect("fallback programs the rules");
             assert_eq!(via, Applied::New(Via::Restore));
-            let tools = LazyTools::new(Concrete::Nft, family, &lock);
-            let via = b
-                .run(|| {
-                    apply(
-                        &tools,
-                        &set,
-                        &[],
-                        Some(crate::nftables::program),
-                        "test/pod",
-                    )
-                })
-                .expect("thread")
+            let via = add(&b, Concrete::Nft, crate::nftables::program)
                 .expect("netlink programs the rules");
             assert_eq!(via, Applied::New(Via::Netlink));
             assert_eq!(
@@ -424,26 +415,11 @@ mod tests {
                 Vec::<String>::new()
             );
             // ADD again over netlink-written rules: the exec path sees them as present.
-            let tools = LazyTools::new(Concrete::Nft, family, &lock);
-            let again = b
-                .run(|| {
-                    apply(
-                        &tools,
-                        &set,
-                        &[],
-                        Some(crate::nftables::program),
-                        "test/pod",
-                    )
-                })
-                .expect("thread")
-                .expect("ADD again");
+            let again = add(&b, Concrete::Nft, crate::nftables::program).expect("ADD again");
             assert_eq!(again, Applied::AlreadyPresent);
             // Legacy never takes the netlink path.
-            let tools = LazyTools::new(Concrete::Legacy, family, &lock);
             let c = Netns::new("ft").expect("netns");
-            let via = c
-                .run(|| apply(&tools, &set, &[], Some(refused), "test/pod"))
-                .expect("thread");
+            let via = add(&c, Concrete::Legacy, refused);
             assert!(
                 matches!(via, Ok(Applied::New(Via::Restore))),
                 "legacy: {via:?}"
