@@ -39,6 +39,8 @@ pub struct ApiServer {
     pub down: Arc<AtomicBool>,
     /// Added to every answer: a slow API server.
     pub delay_ms: Arc<AtomicU64>,
+    /// Paths under these prefixes are refused with 403, as RBAC refuses them.
+    pub forbidden: Arc<Mutex<Vec<String>>>,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -184,6 +186,7 @@ impl ApiServer {
             requests: Arc::default(),
             down: Arc::default(),
             delay_ms: Arc::default(),
+            forbidden: Arc::default(),
         };
         let s = server.clone();
         std::thread::spawn(move || {
@@ -227,6 +230,13 @@ impl ApiServer {
         }
         store.log.push((rv, kind, path.to_string(), obj.clone()));
         obj
+    }
+
+    /// Refuse every request under `path_prefix` with 403 Forbidden from now on.
+    pub fn forbid(&self, path_prefix: &str) {
+        if let Ok(mut f) = self.forbidden.lock() {
+            f.push(path_prefix.to_string());
+        }
     }
 
     /// Create or replace an object at its API path (an ADDED/MODIFIED watch event).
@@ -336,6 +346,20 @@ impl ApiServer {
         let stream = reader.get_mut();
         if auth != format!("Bearer {}", self.token) {
             return respond(stream, 401, &status(401, "Unauthorized", "Unauthorized"));
+        }
+        let forbidden = self
+            .forbidden
+            .lock()
+            .map(|f| f.iter().any(|p| req.path.starts_with(p.as_str())))
+            .unwrap_or(false);
+        if forbidden {
+            // The real API server's wording for an RBAC refusal.
+            let message = format!(
+                "{} is forbidden: User \"system:serviceaccount:test:test\" cannot {} it",
+                req.path,
+                req.method.to_lowercase()
+            );
+            return respond(stream, 403, &status(403, "Forbidden", &message));
         }
         let watching = matches!(
             req.query.get("watch").map(String::as_str),

@@ -159,9 +159,23 @@ pub async fn load(client: &Client, cms: &IstioConfigMaps) -> Result<(Value, Valu
     for what in [IstioSetting::Values, IstioSetting::Mesh] {
         let (name, key) = cms.of(what);
         let origin = format!("ConfigMap {}/{name}", cms.namespace);
-        let cm = api.get_opt(name).await.map_err(|e| Error::Kube {
-            what: format!("reading Istio's {key} from {origin}"),
-            message: e.to_string(),
+        let cm = api.get_opt(name).await.map_err(|e| {
+            let mut message = match &e {
+                kube::Error::Api(ae) => format!("{} ({} {})", ae.message, ae.code, ae.reason),
+                other => other.to_string(),
+            };
+            if matches!(&e, kube::Error::Api(ae) if ae.code == 403) {
+                message.push_str(&format!(
+                    " (the injector's ServiceAccount needs get, list and watch on ConfigMap \
+                     {name} in {ns}: the install's Role podwire-injector-istio-config names \
+                     istio-sidecar-injector and istio; for a revision add the -<rev> ConfigMaps)",
+                    ns = cms.namespace
+                ));
+            }
+            Error::Kube {
+                what: format!("reading Istio's {key} from {origin}"),
+                message,
+            }
         })?;
         let cm = cm.ok_or_else(|| Error::Kube {
             what: format!("reading Istio's {key} from {origin}"),

@@ -65,6 +65,16 @@ fn istio_settings_come_from_the_cluster_and_follow_it() {
             err.contains("istio-system/istio-sidecar-injector") && err.contains("not found"),
             "{err}"
         );
+        // A revision the Role does not cover: refused, and the error says what to grant.
+        api.forbid(&format!("{CM}/istio-sidecar-injector-canary"));
+        let canary = IstioConfigMaps::new("istio-system", "canary");
+        let err = load(&client, &canary).await.expect_err("forbidden").to_string();
+        assert!(
+            err.contains("istio-sidecar-injector-canary")
+                && err.contains("forbidden")
+                && err.contains("Role podwire-injector-istio-config"),
+            "{err}"
+        );
 
         api.put(
             &format!("{CM}/istio-sidecar-injector"),
