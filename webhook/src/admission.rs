@@ -30,9 +30,11 @@ impl AdmissionReview {
     }
 }
 
+/// `O`: how the object is held, a JSON tree by default (the memo borrows it as raw JSON).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AdmissionRequest {
+// A missing object is `None`: no `O: Default` (serde would ask it for the field's default).
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+pub struct AdmissionRequest<O = Value> {
     pub uid: String,
     #[serde(default)]
     pub kind: GroupVersionKind,
@@ -47,7 +49,7 @@ pub struct AdmissionRequest {
     #[serde(default)]
     pub operation: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub object: Option<Value>,
+    pub object: Option<O>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
 }

@@ -10,10 +10,8 @@
 //! other request, and any pod over [`Memo::MAX_OBJECT_BYTES`], takes the full review. The memo
 //! holds at most [`Memo::MAX_ENTRIES`] answers and [`Memo::MAX_BYTES`], oldest evicted first.
 
-use crate::admission::{GroupVersionKind, GroupVersionResource, API_VERSION, KIND};
-use crate::review::{Outcome, Reviewed};
+use crate::review::{read_request, Outcome, Reviewed};
 use podwire_core::inject::{InjectorConfig, Labels, Step};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -22,45 +20,6 @@ use std::sync::{Arc, Mutex};
 /// The start of every answer, up to the uid's value.
 const HEAD: &str =
     r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#;
-
-/// An AdmissionReview as `review` reads it (`review.rs`'s envelope and [`AdmissionRequest`]'s
-/// fields, with the same types and defaults, so that the memo reads exactly the bodies a review
-/// accepts), borrowing the pod object (only checked to be JSON, never built as a tree).
-///
-/// [`AdmissionRequest`]: crate::admission::AdmissionRequest
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Envelope<'a> {
-    #[serde(default)]
-    api_version: String,
-    #[serde(default)]
-    kind: String,
-    #[serde(default, borrow)]
-    request: Option<RequestView<'a>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RequestView<'a> {
-    uid: String,
-    #[serde(default)]
-    kind: GroupVersionKind,
-    #[serde(default)]
-    #[allow(dead_code)] // checked by parsing, as review does
-    resource: GroupVersionResource,
-    #[serde(default)]
-    sub_resource: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    operation: String,
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
-    #[serde(default)]
-    dry_run: Option<bool>,
-}
 
 /// A pod CREATE as the memo keys it.
 #[derive(Debug)]
@@ -74,14 +33,12 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// The request, when `body` is a v1 AdmissionReview of a pod CREATE with a namespace;
-    /// `None` for anything else (which then takes the full review, errors included).
+    /// `None` for anything else (which then takes the full review, errors included). Read by
+    /// review's own reader, the object borrowed as raw JSON (checked, never built as a tree):
+    /// the memo reads exactly the bodies a review accepts.
     pub fn read(body: &'a [u8]) -> Option<Self> {
-        let env: Envelope<'a> = serde_json::from_slice(body).ok()?;
-        let r = env.request?;
-        let pod_create = env.api_version == API_VERSION
-            && env.kind == KIND
-            && !r.uid.is_empty()
-            && r.kind.group.is_empty()
+        let r = read_request::<&'a RawValue>(body).ok()?;
+        let pod_create = r.kind.group.is_empty()
             && r.kind.kind == "Pod"
             && r.sub_resource.is_empty()
             && r.operation == "CREATE"

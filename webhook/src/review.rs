@@ -268,19 +268,22 @@ fn prefixed(warnings: Vec<String>) -> Vec<String> {
 
 /// The envelope as sent; read in one pass (the pod is only parsed once on the hot path).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Envelope {
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct Envelope<O = Value> {
     #[serde(default)]
     api_version: String,
     #[serde(default)]
     kind: String,
     #[serde(default)]
-    request: Option<AdmissionRequest>,
+    request: Option<AdmissionRequest<O>>,
 }
 
 /// The request, or (the uid if one could be found, why not).
-fn read_request(body: &[u8]) -> Result<AdmissionRequest, (String, String)> {
-    let env: Envelope = match serde_json::from_slice(body) {
+/// `O`: how the object is held (the memo reads it raw).
+pub(crate) fn read_request<'a, O: Deserialize<'a>>(
+    body: &'a [u8],
+) -> Result<AdmissionRequest<O>, (String, String)> {
+    let env: Envelope<O> = match serde_json::from_slice(body) {
         Ok(env) => env,
         Err(e) if e.is_data() => {
             // Valid JSON of the wrong shape: find the uid so the API server can match the answer.
