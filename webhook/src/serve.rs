@@ -8,7 +8,7 @@
 use crate::admission::{AdmissionResponse, AdmissionReview, Status};
 use crate::metrics::{result_of, Metrics, RequestResult};
 use crate::namespaces::NamespaceLabels;
-use crate::review::review_resolving;
+use crate::review::{review_resolving, Outcome};
 use crate::tls::CertStore;
 use crate::Error;
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use podwire_core::inject::Step;
 use podwire_core::MeshProfile;
 use std::convert::Infallible;
 use std::future::Future;
@@ -327,28 +328,29 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
             .map(|l| (*l).clone())
     };
     let config = state.config.get();
-    // A replica of a pod answered before: the same answer, this request's uid.
-    let memo_request = crate::memo::Request::read(&body);
-    let memo_labels = memo_request.as_ref().map(|r| labels_of(&r.namespace));
-    if let (Some(r), Some(labels)) = (&memo_request, &memo_labels) {
+    // A replica of a pod answered before: the same answer, this request's uid. A memo-able
+    // request is reviewed with the very labels its answer is kept under (the namespace watch
+    // may change them meanwhile).
+    let memo = crate::memo::Request::read(&body).map(|r| {
+        let labels = labels_of(&r.namespace);
+        (r, labels)
+    });
+    if let Some((r, labels)) = &memo {
         if let Some(hit) = state.memo.get(r, &config, labels.as_ref()) {
             state.metrics.memo_hit();
-            state
-                .metrics
-                .request(result_of(hit.outcome), hit.step, r.dry_run, start.elapsed());
-            tracing::info!(
-                outcome = hit.outcome.as_str(),
-                dry_run = r.dry_run,
-                "{} (as its replica before)",
-                hit.summary
+            answered(
+                state,
+                start,
+                hit.outcome,
+                hit.step,
+                r.dry_run,
+                format_args!("{} (as its replica before)", hit.summary),
             );
             return json(StatusCode::OK, hit.body(&r.uid));
         }
     }
-    // A memo-able request is reviewed with the very labels its answer is kept under (the
-    // namespace watch may change them meanwhile).
-    let reviewed = match &memo_labels {
-        Some(labels) => review_resolving(&body, &config, &|_| labels.clone(), &state.profile),
+    let reviewed = match &memo {
+        Some((_, labels)) => review_resolving(&body, &config, &|_| labels.clone(), &state.profile),
         None => review_resolving(&body, &config, &labels_of, &state.profile),
     };
     // Sized once: the base64 patch plus the envelope and warnings.
@@ -359,25 +361,21 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
         .map_or(0, |r| r.patch.as_ref().map_or(0, String::len));
     let mut out = Vec::with_capacity(size + 1024);
     let answer = serde_json::to_writer(&mut out, &reviewed.review).map(|()| out);
-    state.metrics.request(
-        result_of(reviewed.outcome),
+    answered(
+        state,
+        start,
+        reviewed.outcome,
         reviewed.step,
         reviewed.dry_run,
-        start.elapsed(),
-    );
-    tracing::info!(
-        outcome = reviewed.outcome.as_str(),
-        dry_run = reviewed.dry_run,
-        "{}",
-        reviewed.summary
+        format_args!("{}", reviewed.summary),
     );
     match answer {
         Ok(body) => {
             // Kept only under the config still in use: an answer reviewed under one replaced
             // meanwhile would empty the memo of the new config's answers.
-            if let (Some(r), Some(labels)) = (&memo_request, memo_labels) {
+            if let Some((r, labels)) = memo {
                 if Arc::ptr_eq(&config, &state.config.get()) {
-                    state.memo.put(r, &config, labels, &reviewed, &body);
+                    state.memo.put(&r, &config, labels, &reviewed, &body);
                 }
             }
             json(StatusCode::OK, body)
@@ -389,6 +387,21 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
             format!("encoding the answer failed: {e}"),
         ),
     }
+}
+
+/// One answered review: its metrics and its log line.
+fn answered(
+    state: &State,
+    start: Instant,
+    outcome: Outcome,
+    step: Option<Step>,
+    dry_run: bool,
+    summary: std::fmt::Arguments<'_>,
+) {
+    state
+        .metrics
+        .request(result_of(outcome), step, dry_run, start.elapsed());
+    tracing::info!(outcome = outcome.as_str(), dry_run, "{summary}");
 }
 
 /// `n` KiB of `pool`, waiting until `deadline` at most.
