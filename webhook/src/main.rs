@@ -308,72 +308,69 @@ fn spawn_config_reloader(
     last: [Option<serde_json::Value>; 2],
 ) -> Result<()> {
     use podwire_injector::{load_istio_setting, IstioSetting};
-    let path = args.config.clone();
-    let mut istio: Vec<_> = [
+    /// One watched file: Istio's settings (with the last value read) or the config file.
+    enum Source {
+        Istio(IstioSetting, Option<serde_json::Value>),
+        Config,
+    }
+    // (file, what it is, its last failure: said once until it changes or clears)
+    let mut sources: Vec<(PathBuf, Source, Option<String>)> = [
         (&args.values_file, IstioSetting::Values),
         (&args.mesh_config_file, IstioSetting::Mesh),
     ]
     .into_iter()
     .zip(last)
-    .filter_map(|((p, what), last)| Some((p.clone()?, what, last)))
+    .filter_map(|((p, what), last)| Some((p.clone()?, Source::Istio(what, last), None)))
+    .chain([(args.config.clone(), Source::Config, None)])
     .collect();
-    let watched: Vec<PathBuf> = std::iter::once(path.clone())
-        .chain(istio.iter().map(|(p, _, _)| p.clone()))
-        .collect();
+    let watched: Vec<PathBuf> = sources.iter().map(|(p, _, _)| p.clone()).collect();
     let watched: Vec<&Path> = watched.iter().map(PathBuf::as_path).collect();
     let profile = profile.clone();
-    // The last failure per file (config file last), said once until it changes or clears.
-    let mut failed: Vec<Option<String>> = vec![None; istio.len() + 1];
-    let warn_once = |slot: &mut Option<String>, msg: String| {
-        if slot.as_ref() != Some(&msg) {
-            tracing::warn!("{msg}");
-            *slot = Some(msg);
-        }
-    };
     let reload = move || {
-        for (i, (p, what, last)) in istio.iter_mut().enumerate() {
-            match load_istio_setting(p, *what) {
-                Ok(v) if last.as_ref() == Some(&v) => {}
-                Ok(v) => {
-                    let applied = live.update(*what, v.clone());
+        for (path, source, failed) in &mut sources {
+            // Ok(true): applied; Ok(false): what is in use already.
+            let applied = match source {
+                Source::Istio(what, last) => load_istio_setting(path, *what).and_then(|v| {
+                    if last.as_ref() == Some(&v) {
+                        return Ok(false);
+                    }
+                    let done = live.update(*what, v.clone());
                     // Not retried until the file changes again.
                     *last = Some(v);
-                    match applied {
-                        Ok(()) => {
-                            failed[i] = None;
-                            tracing::info!("applied Istio's settings from {}", p.display());
+                    done.map(|()| true)
+                }),
+                Source::Config => load_config(path, &profile).and_then(|l| {
+                    let changed = live.replace_file(l.config)?;
+                    if changed {
+                        for w in l.warnings {
+                            tracing::warn!("{w}");
                         }
-                        Err(e) => warn_once(
-                            &mut failed[i],
-                            format!(
-                                "{} changed but is not usable, keeping the config in use: {e}",
-                                p.display()
-                            ),
-                        ),
+                    }
+                    Ok(changed)
+                }),
+            };
+            match applied {
+                Ok(changed) => {
+                    *failed = None;
+                    if changed {
+                        let what = match source {
+                            Source::Istio(..) => "Istio's settings from",
+                            Source::Config => "the config file",
+                        };
+                        tracing::info!("applied {what} {}", path.display());
                     }
                 }
-                Err(e) => warn_once(&mut failed[i], format!("{e}; keeping the config in use")),
-            }
-        }
-        let slot = failed.len() - 1;
-        match load_config(&path, &profile).map(|l| (live.replace_file(l.config), l.warnings)) {
-            Ok((Ok(changed), warnings)) => {
-                failed[slot] = None;
-                if changed {
-                    for w in warnings {
-                        tracing::warn!("{w}");
+                Err(e) => {
+                    let msg = format!(
+                        "{} not applied, keeping the config in use: {e}",
+                        path.display()
+                    );
+                    if failed.as_ref() != Some(&msg) {
+                        tracing::warn!("{msg}");
+                        *failed = Some(msg);
                     }
-                    tracing::info!("applied the config file {}", path.display());
                 }
             }
-            Ok((Err(e), _)) => warn_once(
-                &mut failed[slot],
-                format!(
-                    "{} changed but is not usable, keeping the config in use: {e}",
-                    path.display()
-                ),
-            ),
-            Err(e) => warn_once(&mut failed[slot], format!("{e}; keeping the config in use")),
         }
     };
     podwire_injector::filewatch::spawn(
