@@ -6,7 +6,12 @@
 //! Two workloads, each request with its own uid: "distinct pods" (no two pod objects alike:
 //! every request is rendered) and "replicas" (one pod template, as a Deployment's replicas
 //! arrive: answered from the injector's memo after the first).
-//! Reports: throughput of both servers and the ratio per workload (target >= 0.8), p50/p99 at
+//! A third server, the "ceiling", is the bare server answering every request with the
+//! injector's own answer for the fixture (same patch bytes, the request's uid): what an
+//! injector that spent no time at all deciding and rendering would reach, so the run shows how
+//! much of the gap is the work and how much is carrying Istio's sidecar (TLS, the kernel, the
+//! client on a ~7 KB answer).
+//! Reports: throughput of the servers and the ratio per workload (target >= 0.8), p50/p99 at
 //! a fixed request rate (distinct pods), and the injector's peak resident memory under load
 //! (target <= 30 MiB).
 //! Knobs (env): BENCH_SECONDS (default 5), BENCH_CLIENTS (default 8), BENCH_RATE (default 500/s).
@@ -89,27 +94,39 @@ fn main() {
         wire.len(),
         body.len()
     );
+    let canned = dir.path().join("answer.json");
+    std::fs::write(
+        &canned,
+        serde_json::to_vec(answer.review.response.as_ref().expect("a response")).expect("JSON"),
+    )
+    .expect("write");
 
     // Each server binds port 0 itself and says where it listens (no pick-then-bind race).
-    let mut bare = Server(
-        Command::new(std::env::current_exe().expect("self"))
-            .env(
-                BARE_ENV,
-                format!(
-                    "127.0.0.1:0 {} {}",
-                    dir.path().join("tls.crt").display(),
-                    dir.path().join("tls.key").display()
-                ),
-            )
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("bare server"),
-    );
-    let bare_addr = announced(
-        bare.0.stdout.take().expect("stdout"),
-        BARE_LISTENING,
-        Box::new(std::io::sink()),
-    );
+    let bare_like = |canned: Option<&Path>| {
+        let mut args = format!(
+            "127.0.0.1:0 {} {}",
+            dir.path().join("tls.crt").display(),
+            dir.path().join("tls.key").display()
+        );
+        if let Some(c) = canned {
+            args.push_str(&format!(" {}", c.display()));
+        }
+        let mut server = Server(
+            Command::new(std::env::current_exe().expect("self"))
+                .env(BARE_ENV, args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("bare server"),
+        );
+        let addr = announced(
+            server.0.stdout.take().expect("stdout"),
+            BARE_LISTENING,
+            Box::new(std::io::sink()),
+        );
+        (server, addr)
+    };
+    let (bare, bare_addr) = bare_like(None);
+    let (ceiling, ceiling_addr) = bare_like(Some(&canned));
     let mut inj = Server(
         Command::new(env!("CARGO_BIN_EXE_podwire-injector"))
             .args(["serve", "--config"])
@@ -131,7 +148,7 @@ fn main() {
         Box::new(std::io::stdout()),
     );
     let agent = client(&ca);
-    for addr in [bare_addr, inj_addr] {
+    for addr in [bare_addr, inj_addr, ceiling_addr] {
         wait_up(&agent, addr, &body);
     }
     println!(
@@ -144,15 +161,16 @@ fn main() {
     let mut peak_rss = 0u64;
     let distinct = Bodies::new(&body, true);
     for bodies in [distinct.clone(), Bodies::new(&body, false)] {
-        let mut ratios = Vec::new();
+        let (mut ratios, mut ceilings) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let mut rps = [0f64; 2];
-            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-            for i in order {
-                let (name, addr, pid) = if i == 0 {
-                    ("bare", bare_addr, bare.0.id())
-                } else {
-                    ("injector", inj_addr, inj.0.id())
+            let mut rps = [0f64; 3];
+            // Each round starts with a different server.
+            for k in 0..3 {
+                let i = (round + k) % 3;
+                let (name, addr, pid) = match i {
+                    0 => ("bare", bare_addr, bare.0.id()),
+                    1 => ("injector", inj_addr, inj.0.id()),
+                    _ => ("ceiling", ceiling_addr, ceiling.0.id()),
                 };
                 let (r, rss, cpu_us) = throughput(&ca, addr, &bodies, clients, secs, pid);
                 if i == 1 {
@@ -165,15 +183,25 @@ fn main() {
                 );
             }
             ratios.push(rps[1] / rps[0]);
+            ceilings.push(rps[2] / rps[0]);
         }
-        let mut sorted = ratios.clone();
-        sorted.sort_by(f64::total_cmp);
-        let ratio = sorted[sorted.len() / 2];
+        let median = |v: &[f64]| {
+            let mut sorted = v.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2]
+        };
+        let shown = |v: &[f64]| v.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>();
+        let ratio = median(&ratios);
         println!(
             "throughput ratio injector/bare, {}: median {ratio:.2} over rounds {:?} (target >= 0.80: {})",
             bodies.name(),
-            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>(),
+            shown(&ratios),
             if ratio >= 0.8 { "met" } else { "NOT met" }
+        );
+        println!(
+            "  ceiling/bare (the injector's answer sent with no work): median {:.2} over rounds {:?}",
+            median(&ceilings),
+            shown(&ceilings)
         );
     }
     for (name, addr) in [("bare", bare_addr), ("injector", inj_addr)] {
@@ -191,7 +219,7 @@ fn main() {
         "injector peak resident memory under load: {mib:.1} MiB (target <= 30 MiB: {})",
         if mib <= 30.0 { "met" } else { "NOT met" }
     );
-    drop(bare);
+    drop((bare, ceiling));
 }
 
 /// What the clients send: the fixture with a fresh uid on every request (as the API server
@@ -468,6 +496,18 @@ fn bare_server(args: &str) {
         parts.next().expect("cert").to_string(),
         parts.next().expect("key").to_string(),
     );
+    // The ceiling server's answer (the injector's, for the fixture); none: plain "allowed".
+    let canned: Arc<podwire_injector::AdmissionResponse> = Arc::new(
+        parts
+            .next()
+            .map(|p| {
+                serde_json::from_slice(&std::fs::read(p).expect("canned answer")).expect("JSON")
+            })
+            .unwrap_or_else(|| podwire_injector::AdmissionResponse {
+                allowed: true,
+                ..Default::default()
+            }),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -503,13 +543,14 @@ fn bare_server(args: &str) {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let (acceptor, canned) = (acceptor.clone(), canned.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let canned = canned.clone();
+                    async move {
                         let body = req
                             .into_body()
                             .collect()
@@ -523,14 +564,14 @@ fn bare_server(args: &str) {
                             .unwrap_or_default();
                         let answer = AdmissionReview::answer(podwire_injector::AdmissionResponse {
                             uid,
-                            allowed: true,
-                            ..Default::default()
+                            ..(*canned).clone()
                         });
                         let out = serde_json::to_vec(&answer).unwrap_or_default();
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                             out,
                         ))))
-                    });
+                    }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
                     .await;
