@@ -260,7 +260,7 @@ pub fn apply(doc: &mut Yaml, base: &str, ops: &[PatchOp]) -> Result<()> {
             }
             .ok_or_else(|| anyhow!("patch path {full}: {t:?} does not exist"))?;
         }
-        let value: Yaml = serde_yaml_ng::to_value(&op.value)?;
+        let value: Yaml = serde_yaml_ng::to_value(op.value.to_value())?;
         match cur {
             Yaml::Mapping(m) => {
                 m.insert(Yaml::String(last.clone()), value);

@@ -9,10 +9,15 @@ use podwire_core::MeshProfile;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// Documents of a multi-document YAML stream, as JSON values.
+/// Documents of a multi-document YAML stream, as JSON values. Read as YAML first: serde_json
+/// reading YAML directly would take a leaked `$serde_json::private::RawValue` mapping for the
+/// JSON it wraps, and hide it.
 fn docs(yaml: &str) -> Vec<Value> {
     serde_yaml_ng::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).expect("YAML document"))
+        .map(|d| {
+            let doc = serde_yaml_ng::Value::deserialize(d).expect("YAML document");
+            serde_json::to_value(doc).expect("JSON-compatible YAML")
+        })
         .filter(|v| !v.is_null())
         .collect()
 }

@@ -10,9 +10,11 @@
 //! the injected pod for one pod object. Nothing a pod author writes is pasted into text that is
 //! parsed again: annotation values are checked and placed as JSON strings.
 
+use super::json::{Json, Raw};
 use super::quantity::Quantity;
 use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The proxy container's name in Istio's template (and what the CNI plugin looks for).
@@ -130,6 +132,12 @@ pub struct Resolved {
     /// `PROXY_CONFIG` for a pod without `proxy.istio.io/config`: `default_config` cleaned
     /// (computed once, from the fields above).
     pub default_proxy_config_env: String,
+}
+
+/// `v`'s member at `path`, key by key: `Value::pointer` without its per-token copies (a
+/// render reads a few of these per pod).
+pub(crate) fn member_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
 }
 
 fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -473,20 +481,23 @@ pub struct Rendered {
     pub labels: Map<String, Value>,
     pub annotations: Map<String, Value>,
     /// `containers`, `initContainers`, `volumes`, `imagePullSecrets` as they become.
-    pub spec: Vec<(&'static str, Value)>,
+    pub spec: Vec<(&'static str, Json)>,
     pub warnings: Vec<String>,
     pub native: bool,
 }
 
 impl Rendered {
     /// The injected pod's proxy container.
-    pub fn proxy(&self, name: &str) -> Option<&Value> {
+    pub fn proxy(&self, name: &str) -> Option<&Json> {
         self.spec
             .iter()
             .filter(|(k, _)| *k == "containers" || *k == "initContainers")
-            .filter_map(|(_, v)| v.as_array())
+            .filter_map(|(_, v)| match v {
+                Json::Array(list) => Some(list),
+                _ => None,
+            })
             .flatten()
-            .find(|c| name_of(c) == name)
+            .find(|c| c.str_member("name") == Some(name))
     }
 }
 
@@ -585,6 +596,33 @@ pub fn merge_over(base: &mut Value, overlay: &Value) {
             }
         }
         (b, o) => *b = o.clone(),
+    }
+}
+
+/// [`merge_over`] on the proxy container as rendered: member by member (as `merge_over`
+/// treats them), so only the members the overlay names are read back from their shared form.
+fn merge_into(proxy: &mut Json, overlay: &Value) {
+    match (proxy, overlay) {
+        (Json::Object(c), Value::Object(o)) => {
+            for (k, ov) in o {
+                let mut base = Map::new();
+                if let Some(cur) = c.remove(k) {
+                    base.insert(k.clone(), cur.into_value());
+                }
+                let mut base = Value::Object(base);
+                let mut one = Map::new();
+                one.insert(k.clone(), ov.clone());
+                merge_over(&mut base, &Value::Object(one));
+                if let Some(v) = base.get_mut(k.as_str()) {
+                    c.insert(k.clone(), Json::Value(v.take()));
+                }
+            }
+        }
+        (p, o) => {
+            let mut v = std::mem::replace(p, Json::Value(Value::Null)).into_value();
+            merge_over(&mut v, o);
+            *p = Json::Value(v);
+        }
     }
 }
 
@@ -718,30 +756,41 @@ fn name_of(c: &Value) -> &str {
 /// Render Istio's sidecar for `pod` (a Pod object as the API server sends it, or a pod
 /// template with its metadata). Checks every annotation the template reads before using it.
 /// The parts of the sidecar that depend on the settings and podwire's proxy overrides alone:
-/// built once per settings change (with [`super::patch::RenderInputs`]) and cloned into each
-/// pod, instead of being built from `json!` literals per pod. `render` has no other source for
-/// them.
+/// built and serialized once per settings change (with [`super::patch::RenderInputs`]) and
+/// shared by every pod's patch, instead of being built from `json!` literals per pod.
+/// `render` has no other source for them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prebuilt {
     /// Env up to `ISTIO_CPU_LIMIT`, in the template's order.
-    env_head: Vec<Value>,
+    env_head: Vec<Raw>,
     /// `PROXY_CONFIG` for a pod without its own `proxy.istio.io/config`.
-    proxy_config_env: Value,
-    gomemlimit_env: Value,
-    node_name_env: Value,
+    proxy_config_env: Raw,
+    gomemlimit_env: Raw,
+    node_name_env: Raw,
     /// The securityContext for a pod without, and with, its own seccomp profile.
-    security_context: [Value; 2],
+    security_context: [Raw; 2],
     /// Args and readiness probe for a pod without log level or readiness annotations.
-    args: Value,
-    readiness_probe: Value,
-    ports: Value,
-    startup_probe: Option<Value>,
+    args: Raw,
+    readiness_probe: Raw,
+    ports: Raw,
+    startup_probe: Option<Raw>,
     /// Mounts before the custom-bootstrap one, and after it.
-    mounts_head: Vec<Value>,
-    mounts_tail: Vec<Value>,
-    /// Volumes before the custom-bootstrap one, and after it (up to `istio-ca-crl`).
-    volumes_head: Vec<Value>,
-    volumes_tail: Vec<Value>,
+    mounts_head: Vec<Raw>,
+    mounts_tail: Vec<Raw>,
+    /// Volumes (name, volume) before the custom-bootstrap one, and after it (up to
+    /// `istio-ca-crl`).
+    volumes_head: Vec<(String, Raw)>,
+    volumes_tail: Vec<(String, Raw)>,
+}
+
+fn raws(list: &[Value]) -> Vec<Raw> {
+    list.iter().map(Raw::new).collect()
+}
+
+fn named_raws(list: &[Value]) -> Vec<(String, Raw)> {
+    list.iter()
+        .map(|v| (name_of(v).to_string(), Raw::new(v)))
+        .collect()
 }
 
 /// The proxy's args; `levels`: the pod's log, component log and agent log level annotations.
@@ -894,26 +943,28 @@ impl Prebuilt {
             .push(json!({"name": "istio-ca-crl", "configMap": {"name": crl, "optional": true}}));
 
         Prebuilt {
-            env_head,
-            proxy_config_env: env("PROXY_CONFIG", s.default_proxy_config_env.clone()),
-            gomemlimit_env: env_resource("GOMEMLIMIT", "limits.memory"),
-            node_name_env: env_field("ISTIO_META_NODE_NAME", "spec.nodeName"),
-            security_context: [false, true].map(|own| security_context(s, o, own)),
-            args: proxy_args(s, [None; 3]),
-            readiness_probe: readiness_probe(s, [None; 3]),
-            ports: json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
+            env_head: raws(&env_head),
+            proxy_config_env: Raw::new(&env("PROXY_CONFIG", s.default_proxy_config_env.clone())),
+            gomemlimit_env: Raw::new(&env_resource("GOMEMLIMIT", "limits.memory")),
+            node_name_env: Raw::new(&env_field("ISTIO_META_NODE_NAME", "spec.nodeName")),
+            security_context: [false, true].map(|own| Raw::new(&security_context(s, o, own))),
+            args: Raw::new(&proxy_args(s, [None; 3])),
+            readiness_probe: Raw::new(&readiness_probe(s, [None; 3])),
+            ports: Raw::new(
+                &json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
+            ),
             startup_probe: s.startup_enabled.then(|| {
-                json!({
+                Raw::new(&json!({
                     "httpGet": {"path": "/healthz/ready", "port": 15021},
                     "periodSeconds": 1,
                     "timeoutSeconds": 3,
                     "failureThreshold": s.startup_failure_threshold,
-                })
+                }))
             }),
-            mounts_head,
-            mounts_tail,
-            volumes_head,
-            volumes_tail,
+            mounts_head: raws(&mounts_head),
+            mounts_tail: raws(&mounts_tail),
+            volumes_head: named_raws(&volumes_head),
+            volumes_tail: named_raws(&volumes_tail),
         }
     }
 }
@@ -934,11 +985,13 @@ pub fn render(
     }
     // Borrowed from the pod; copied once each, into what the pod's maps become.
     let a: &Map<String, Value> = pod
-        .pointer("/metadata/annotations")
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     let labels: &Map<String, Value> = pod
-        .pointer("/metadata/labels")
+        .get("metadata")
+        .and_then(|m| m.get("labels"))
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     let label = |k: &str| {
@@ -1065,7 +1118,7 @@ pub fn render(
     let image_type = ann(a, "sidecar.istio.io/proxyImageType")
         .map(str::to_string)
         .or_else(|| {
-            pc.pointer("/image/imageType")
+            member_at(&pc, &["image", "imageType"])
                 .and_then(Value::as_str)
                 .map(str::to_string)
         })
@@ -1099,21 +1152,24 @@ pub fn render(
         ann(a, "sidecar.istio.io/agentLogLevel"),
     ];
     let args = if levels.iter().all(Option::is_none) {
-        pre.args.clone()
+        Json::Raw(pre.args.clone())
     } else {
-        proxy_args(s, levels)
+        Json::Value(proxy_args(s, levels))
     };
 
     // Env, in the template's order.
     let network = label("topology.istio.io/network")
         .map(str::to_string)
         .unwrap_or_else(|| s.network.clone());
-    let mut envs = Vec::with_capacity(pre.env_head.len() + 16);
-    envs.extend(pre.env_head.iter().cloned());
+    let mut envs: Vec<Json> = Vec::with_capacity(pre.env_head.len() + 16);
+    envs.extend(pre.env_head.iter().cloned().map(Json::Raw));
     envs.push(if pod_pc {
-        env("PROXY_CONFIG", format!("{}\n", clean_proxy_config(&pc)))
+        Json::Value(env(
+            "PROXY_CONFIG",
+            format!("{}\n", clean_proxy_config(&pc)),
+        ))
     } else {
-        pre.proxy_config_env.clone()
+        Json::Raw(pre.proxy_config_env.clone())
     });
     let mut ports_text = String::from("[");
     let mut first = true;
@@ -1135,17 +1191,23 @@ pub fn render(
         }
     }
     ports_text.push_str("\n]");
-    envs.push(env("ISTIO_META_POD_PORTS", ports_text));
-    envs.push(env("ISTIO_META_APP_CONTAINERS", app_names.join(",")));
-    envs.push(pre.gomemlimit_env.clone());
+    push_value(&mut envs, env("ISTIO_META_POD_PORTS", ports_text));
+    push_value(
+        &mut envs,
+        env("ISTIO_META_APP_CONTAINERS", app_names.join(",")),
+    );
+    envs.push(Json::Raw(pre.gomemlimit_env.clone()));
     if s.cluster_name.is_empty() {
-        envs.push(env("ISTIO_META_CLUSTER_ID", "Kubernetes"));
+        push_value(&mut envs, env("ISTIO_META_CLUSTER_ID", "Kubernetes"));
     }
-    envs.push(pre.node_name_env.clone());
-    envs.push(env("ISTIO_META_INTERCEPTION_MODE", &interception));
+    envs.push(Json::Raw(pre.node_name_env.clone()));
+    push_value(
+        &mut envs,
+        env("ISTIO_META_INTERCEPTION_MODE", &interception),
+    );
     let workload_name = label("service.istio.io/workload-name").unwrap_or(&workload.name);
     if !workload_name.is_empty() {
-        envs.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
+        push_value(&mut envs, env("ISTIO_META_WORKLOAD_NAME", workload_name));
     }
     if !workload.api_version.is_empty() && !workload.name.is_empty() {
         let ns = if workload.namespace.is_empty() {
@@ -1153,22 +1215,28 @@ pub fn render(
         } else {
             &workload.namespace
         };
-        envs.push(env(
-            "ISTIO_META_OWNER",
-            format!(
-                "kubernetes://apis/{}/namespaces/{ns}/{}s/{}",
-                workload.api_version,
-                workload.kind.to_lowercase(),
-                workload.name
+        push_value(
+            &mut envs,
+            env(
+                "ISTIO_META_OWNER",
+                format!(
+                    "kubernetes://apis/{}/namespaces/{ns}/{}s/{}",
+                    workload.api_version,
+                    workload.kind.to_lowercase(),
+                    workload.name
+                ),
             ),
-        ));
+        );
     }
     let bootstrap = ann(a, "sidecar.istio.io/bootstrapOverride");
     if bootstrap.is_some() {
-        envs.push(env(
-            "ISTIO_BOOTSTRAP_OVERRIDE",
-            "/etc/istio/custom-bootstrap/custom_bootstrap.json",
-        ));
+        push_value(
+            &mut envs,
+            env(
+                "ISTIO_BOOTSTRAP_OVERRIDE",
+                "/etc/istio/custom-bootstrap/custom_bootstrap.json",
+            ),
+        );
     }
     let trust_domain = if s.mesh_trust_domain.is_empty() {
         s.trust_domain.clone()
@@ -1176,114 +1244,118 @@ pub fn render(
         s.mesh_trust_domain.clone()
     };
     if !s.mesh_id.is_empty() {
-        envs.push(env("ISTIO_META_MESH_ID", &s.mesh_id));
+        push_value(&mut envs, env("ISTIO_META_MESH_ID", &s.mesh_id));
     } else if !trust_domain.is_empty() {
-        envs.push(env("ISTIO_META_MESH_ID", &trust_domain));
+        push_value(&mut envs, env("ISTIO_META_MESH_ID", &trust_domain));
     }
     if !trust_domain.is_empty() {
-        envs.push(env("TRUST_DOMAIN", &trust_domain));
+        push_value(&mut envs, env("TRUST_DOMAIN", &trust_domain));
     }
     for (k, v) in &metadata {
-        envs.push(env(k, v));
+        push_value(&mut envs, env(k, v));
     }
     // Istio moves the cluster id and network it resolved to the end, sorted.
     if !s.cluster_name.is_empty() {
-        envs.push(env("ISTIO_META_CLUSTER_ID", &s.cluster_name));
+        push_value(&mut envs, env("ISTIO_META_CLUSTER_ID", &s.cluster_name));
     }
     if !network.is_empty() {
-        envs.push(env("ISTIO_META_NETWORK", &network));
+        push_value(&mut envs, env("ISTIO_META_NETWORK", &network));
     }
 
-    // The container.
-    let mut c = Map::new();
-    c.insert("name".into(), json!(o.name));
-    c.insert("image".into(), json!(image));
+    // The container: settings-only parts shared as they were serialized once.
+    let mut c: BTreeMap<String, Json> = BTreeMap::new();
+    c.insert("name".into(), json!(o.name).into());
+    c.insert("image".into(), json!(image).into());
     if native {
-        c.insert("restartPolicy".into(), json!("Always"));
+        c.insert("restartPolicy".into(), json!("Always").into());
     }
-    c.insert("ports".into(), pre.ports.clone());
+    c.insert("ports".into(), Json::Raw(pre.ports.clone()));
     c.insert("args".into(), args);
     if let Some(l) = &s.lifecycle {
-        c.insert("lifecycle".into(), l.clone());
+        c.insert("lifecycle".into(), l.clone().into());
     } else if hold {
         c.insert(
             "lifecycle".into(),
-            json!({"postStart": {"exec": {"command": ["pilot-agent", "wait"]}}}),
+            json!({"postStart": {"exec": {"command": ["pilot-agent", "wait"]}}}).into(),
         );
     } else if native {
         c.insert(
             "lifecycle".into(),
             json!({"preStop": {"exec": {"command": [
                 "pilot-agent", "request", format!("--debug-port={status_port}"), "POST", "drain"
-            ]}}}),
+            ]}}})
+            .into(),
         );
     }
     if let Some(p) = &s.image_pull_policy {
-        c.insert("imagePullPolicy".into(), json!(p));
+        c.insert("imagePullPolicy".into(), json!(p).into());
     }
     if status_port != "0" {
         let timing = [ready_delay, ready_period, ready_failure];
         let ready = if timing.iter().all(Option::is_none) {
-            pre.readiness_probe.clone()
+            Json::Raw(pre.readiness_probe.clone())
         } else {
-            readiness_probe(s, timing)
+            Json::Value(readiness_probe(s, timing))
         };
         c.insert("readinessProbe".into(), ready);
         if let Some(p) = &pre.startup_probe {
-            c.insert("startupProbe".into(), p.clone());
+            c.insert("startupProbe".into(), Json::Raw(p.clone()));
         }
     }
-    let pod_seccomp = pod
-        .pointer("/spec/securityContext/seccompProfile")
-        .is_some();
+    let pod_seccomp = member_at(pod, &["spec", "securityContext", "seccompProfile"]).is_some();
     c.insert(
         "securityContext".into(),
-        pre.security_context[usize::from(pod_seccomp)].clone(),
+        Json::Raw(pre.security_context[usize::from(pod_seccomp)].clone()),
     );
-    c.insert("resources".into(), proxy_resources(a, s)?);
-    let mut mounts = pre.mounts_head.clone();
+    c.insert("resources".into(), proxy_resources(a, s)?.into());
+    let mut mounts: Vec<Json> = pre.mounts_head.iter().cloned().map(Json::Raw).collect();
     if bootstrap.is_some() {
         mounts.push(
-            json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"}),
+            json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"})
+                .into(),
         );
     }
-    mounts.extend(pre.mounts_tail.iter().cloned());
+    mounts.extend(pre.mounts_tail.iter().cloned().map(Json::Raw));
     for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")? {
         let mut m = m;
         m["name"] = json!(name);
-        mounts.push(m);
+        mounts.push(m.into());
     }
-    c.insert("volumeMounts".into(), Value::Array(mounts));
+    c.insert("volumeMounts".into(), Json::Array(mounts));
+    c.insert("env".into(), Json::Array(envs));
 
-    // Volumes.
-    let mut volumes = pre.volumes_head.clone();
+    // Volumes, with their names.
+    let mut volumes: Vec<(Cow<str>, Json)> = shared(&pre.volumes_head).collect();
     if let Some(b) = bootstrap {
-        volumes.push(json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}));
+        volumes.push((
+            Cow::Borrowed("custom-bootstrap-volume"),
+            json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}).into(),
+        ));
     }
-    volumes.extend(pre.volumes_tail.iter().cloned());
+    volumes.extend(shared(&pre.volumes_tail));
     if s.mount_mtls_certs {
         let sa = spec
             .get("serviceAccountName")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
-        volumes.push(json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}));
+        volumes.push((
+            Cow::Borrowed("istio-certs"),
+            json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}).into(),
+        ));
     }
     for (name, v) in user_map(a, "sidecar.istio.io/userVolume")? {
         let mut v = v;
         v["name"] = json!(name);
-        volumes.push(v);
+        volumes.push((Cow::Owned(name), v.into()));
     }
 
-    let mut proxy = Value::Object(c);
-    proxy
-        .as_object_mut()
-        .map(|m| m.insert("env".into(), Value::Array(envs)));
     // podwire's config file, then the pod's own container, over the template.
-    if let Some(cfg) = &o.container {
-        merge_over(&mut proxy, cfg);
-    }
+    let mut proxy = Json::Object(c);
     let mut overrides_annotation = None;
+    if let Some(cfg) = &o.container {
+        merge_into(&mut proxy, cfg);
+    }
     if let Some(mut own) = own.clone() {
         if own.get("image").and_then(Value::as_str) == Some("auto") {
             own.as_object_mut().map(|m| m.remove("image"));
@@ -1297,7 +1369,7 @@ pub fn render(
             "containers"
         };
         overrides_annotation = Some(json!({ list: [own.clone()] }).to_string());
-        merge_over(&mut proxy, &own);
+        merge_into(&mut proxy, &own);
     }
 
     // Post-processing as Istio's webhook: Prometheus merge, probe rewrite.
@@ -1362,6 +1434,8 @@ pub fn render(
     }
 
     // Containers in Istio's order.
+    let mut inits: Vec<Json> = inits.into_iter().map(Json::Value).collect();
+    let mut app: Vec<Json> = app.into_iter().map(Json::Value).collect();
     let hold_order = hold_pc || s.hold_values;
     if native {
         inits.insert(0, proxy);
@@ -1482,7 +1556,7 @@ pub fn render(
     } else {
         (&[], &proxy_list)
     };
-    let volume_names: Vec<&str> = volumes.iter().map(name_of).collect();
+    let volume_names: Vec<&str> = volumes.iter().map(|(n, _)| n.as_ref()).collect();
     let secret_names: Vec<&str> = s.image_pull_secrets.iter().map(String::as_str).collect();
     let status = status_string(init_list, app_list, &volume_names, &secret_names, rev);
     annotations.insert(STATUS.into(), Value::String(status));
@@ -1495,17 +1569,19 @@ pub fn render(
 
     // Volumes: the template's first (as Istio's strategic merge leaves them), then the pod's
     // own; a pod volume named like a template one is replaced by it.
-    let mut pod_volumes = volumes;
-    for v in spec
+    let own_volumes: Vec<Json> = spec
         .get("volumes")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-    {
-        if !pod_volumes.iter().any(|x| name_of(x) == name_of(v)) {
-            pod_volumes.push(v.clone());
-        }
-    }
+        .filter(|v| !volumes.iter().any(|(n, _)| n == name_of(v)))
+        .map(|v| Json::Value(v.clone()))
+        .collect();
+    let pod_volumes: Vec<Json> = volumes
+        .into_iter()
+        .map(|(_, v)| v)
+        .chain(own_volumes)
+        .collect();
     let mut secrets = containers(spec, "imagePullSecrets");
     for n in &s.image_pull_secrets {
         if !secrets.iter().any(|x| name_of(x) == n) {
@@ -1513,13 +1589,13 @@ pub fn render(
         }
     }
 
-    let mut spec_fields = vec![("containers", Value::Array(app))];
+    let mut spec_fields = vec![("containers", Json::Array(app))];
     if !inits.is_empty() || spec.get("initContainers").is_some() {
-        spec_fields.push(("initContainers", Value::Array(inits)));
+        spec_fields.push(("initContainers", Json::Array(inits)));
     }
-    spec_fields.push(("volumes", Value::Array(pod_volumes)));
+    spec_fields.push(("volumes", Json::Array(pod_volumes)));
     if !secrets.is_empty() {
-        spec_fields.push(("imagePullSecrets", Value::Array(secrets)));
+        spec_fields.push(("imagePullSecrets", Json::Value(Value::Array(secrets))));
     }
     Ok(Rendered {
         labels: new_labels,
@@ -1563,12 +1639,44 @@ fn status_string(
     out
 }
 
-fn push_env(proxy: &mut Value, e: Value) {
-    if let Some(Value::Array(list)) = proxy.get_mut("env") {
-        let name = e.get("name").cloned();
-        list.retain(|x| x.get("name") != name.as_ref());
-        list.push(e);
+/// Append `e` to the proxy's env, replacing an entry of the same name.
+fn push_env(proxy: &mut Json, e: Value) {
+    let name = e
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match proxy {
+        Json::Object(c) => match c.get_mut("env") {
+            Some(Json::Array(list)) => {
+                list.retain(|x| !x.has_str_member("name", &name));
+                list.push(Json::Value(e));
+            }
+            Some(Json::Value(Value::Array(list))) => push_env_value(list, &name, e),
+            _ => {}
+        },
+        Json::Value(c) => {
+            if let Some(Value::Array(list)) = c.get_mut("env") {
+                push_env_value(list, &name, e);
+            }
+        }
+        Json::Raw(_) | Json::Array(_) => {}
     }
+}
+
+fn push_env_value(list: &mut Vec<Value>, name: &str, e: Value) {
+    list.retain(|x| x.get("name").and_then(Value::as_str) != Some(name));
+    list.push(e);
+}
+
+/// Prebuilt volumes, with their names, as a pod's.
+fn shared(list: &[(String, Raw)]) -> impl Iterator<Item = (Cow<'_, str>, Json)> + '_ {
+    list.iter()
+        .map(|(n, r)| (Cow::Borrowed(n.as_str()), Json::Raw(r.clone())))
+}
+
+fn push_value(list: &mut Vec<Json>, v: Value) {
+    list.push(Json::Value(v));
 }
 
 fn drop_zero(mut v: Value) -> Value {
@@ -1633,7 +1741,7 @@ fn proxy_resources(a: &Map<String, Value>, s: &Resolved) -> Result<Value> {
         ("memory", keys[1].0, keys[3].0),
     ] {
         let q = |kind: &str| {
-            r.pointer(&format!("/{kind}/{res}"))
+            member_at(&r, &[kind, res])
                 .and_then(Value::as_str)
                 .and_then(|t| Quantity::parse(t).ok())
         };

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod decision;
 pub mod istio;
+pub mod json;
 pub mod patch;
 pub mod quantity;
 pub mod selector;

@@ -5,6 +5,7 @@
 use super::config::InjectorConfig;
 use super::decision::{decide, Decision};
 use super::istio::{self, Overrides, Rendered, Workload};
+use super::json::Json;
 use super::selector::Labels;
 use crate::error::{Error, Result};
 use crate::pod::Container;
@@ -14,11 +15,12 @@ use serde_json::{json, Map, Value};
 
 /// One JSON-patch operation. podwire only ever adds (an `add` on an existing member replaces
 /// it, RFC 6902 §4.1), so a patch never depends on the exact state of what it does not touch.
+/// Written as JSON with serde_json; `value.to_value()` reads the value anywhere else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PatchOp {
     pub op: PatchKind,
     pub path: String,
-    pub value: Value,
+    pub value: Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,11 +30,11 @@ pub enum PatchKind {
 }
 
 impl PatchOp {
-    fn add(path: String, value: Value) -> Self {
+    fn add(path: String, value: impl Into<Json>) -> Self {
         PatchOp {
             op: PatchKind::Add,
             path,
-            value,
+            value: value.into(),
         }
     }
 }
@@ -226,7 +228,7 @@ pub fn render_pod(
     // Only the traffic annotations, the ones the plugin's parser reads, are copied.
     let traffic = profile.traffic.all();
     let mut own = PodInfo::default();
-    if let Some(Value::Object(a)) = pod.pointer("/metadata/annotations") {
+    if let Some(Value::Object(a)) = istio::member_at(pod, &["metadata", "annotations"]) {
         for k in traffic {
             if let Some(v) = a.get(k).and_then(Value::as_str) {
                 own.metadata
@@ -264,9 +266,21 @@ pub fn render_pod(
         }
     }
     if let Some(proxy) = rendered.proxy(&overrides.name) {
-        let c = Container::deserialize(proxy).map_err(|e| Error::InvalidPod {
+        // Only what the plugin reads of it, read straight from its JSON.
+        let bad = |e: serde_json::Error| Error::InvalidPod {
             reason: format!("the proxy container as merged: {e}"),
-        })?;
+        };
+        let c = Container {
+            name: proxy.str_member("name").unwrap_or_default().to_string(),
+            restart_policy: proxy
+                .read_member("restartPolicy")
+                .transpose()
+                .map_err(bad)?,
+            security_context: proxy
+                .read_member("securityContext")
+                .transpose()
+                .map_err(bad)?,
+        };
         view.spec.containers.push(c);
     }
     RedirectSpec::from_pod(&view, profile)?;
@@ -398,7 +412,7 @@ fn diff_ops(old: &Value, r: Rendered) -> Vec<PatchOp> {
     match old.get("spec").and_then(Value::as_object) {
         None => ops.push(PatchOp::add(
             "/spec".into(),
-            Value::Object(
+            Json::Object(
                 spec_fields
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
@@ -407,7 +421,7 @@ fn diff_ops(old: &Value, r: Rendered) -> Vec<PatchOp> {
         )),
         Some(spec) => {
             for (k, v) in spec_fields {
-                if spec.get(k) != Some(&v) {
+                if !spec.get(k).is_some_and(|old| v.eq_value(old)) {
                     ops.push(PatchOp::add(format!("/spec/{k}"), v));
                 }
             }
@@ -438,18 +452,19 @@ pub fn apply_patch(doc: &mut Value, ops: &[PatchOp]) -> std::result::Result<(), 
             }
             .ok_or_else(|| format!("{}: {t:?} does not exist", op.path))?;
         }
+        let value = op.value.to_value();
         match cur {
             Value::Object(m) => {
-                m.insert(last.clone(), op.value.clone());
+                m.insert(last.clone(), value);
             }
-            Value::Array(a) if last == "-" => a.push(op.value.clone()),
+            Value::Array(a) if last == "-" => a.push(value),
             Value::Array(a) => {
                 let i = last
                     .parse::<usize>()
                     .ok()
                     .filter(|i| *i <= a.len())
                     .ok_or_else(|| format!("{}: bad array index {last:?}", op.path))?;
-                a.insert(i, op.value.clone());
+                a.insert(i, value);
             }
             _ => return Err(format!("{}: parent is not a container", op.path)),
         }

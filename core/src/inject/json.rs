@@ -1,0 +1,284 @@
+//! A JSON value whose settings-only parts are already serialized. The sidecar is mostly the
+//! same bytes for every pod under one config: those parts are serialized once (with
+//! [`super::patch::RenderInputs`]) and shared by reference, and only what a pod changes is
+//! built per pod. Written with serde_json it gives the same bytes as the equivalent `Value`.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Serialized JSON, shared: cloning is a reference count.
+#[derive(Debug, Clone)]
+pub struct Raw(Arc<RawValue>);
+
+impl Raw {
+    /// `v` serialized once.
+    pub fn new(v: &Value) -> Raw {
+        // A Value always serializes; the fallback (null) is unreachable.
+        Raw(serde_json::value::to_raw_value(v)
+            .unwrap_or_else(|_| RawValue::NULL.to_owned())
+            .into())
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Back to a `Value`.
+    pub fn parse(&self) -> Value {
+        // Raw parts are serialized Values: they always parse back.
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+}
+
+/// Equal as text: both were written by serde_json from a `Value`.
+impl PartialEq for Raw {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for Raw {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// A JSON value built from `Value`s and already-serialized parts.
+///
+/// Serialize it with serde_json (to bytes, or `to_value`): its raw parts are serde_json's
+/// `RawValue`, which other serializers do not know; [`Json::to_value`] is the portable form.
+#[derive(Debug, Clone)]
+pub enum Json {
+    Value(Value),
+    Raw(Raw),
+    /// Members in key order, as `serde_json::Map` keeps them.
+    Object(BTreeMap<String, Json>),
+    Array(Vec<Json>),
+}
+
+impl Json {
+    /// The same value as a `Value` (raw parts parsed).
+    pub fn to_value(&self) -> Value {
+        match self {
+            Json::Value(v) => v.clone(),
+            Json::Raw(r) => parse(r),
+            Json::Object(m) => {
+                Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_value())).collect())
+            }
+            Json::Array(a) => Value::Array(a.iter().map(Json::to_value).collect()),
+        }
+    }
+
+    /// [`Json::to_value`], moving what it can.
+    pub fn into_value(self) -> Value {
+        match self {
+            Json::Value(v) => v,
+            Json::Raw(r) => parse(&r),
+            Json::Object(m) => {
+                Value::Object(m.into_iter().map(|(k, v)| (k, v.into_value())).collect())
+            }
+            Json::Array(a) => Value::Array(a.into_iter().map(Json::into_value).collect()),
+        }
+    }
+
+    /// Whether this equals `v`; raw parts are parsed only when the shapes around them match.
+    pub fn eq_value(&self, v: &Value) -> bool {
+        match (self, v) {
+            (Json::Value(a), b) => a == b,
+            (Json::Raw(r), b) => parse(r) == *b,
+            (Json::Object(a), Value::Object(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .all(|(k, x)| b.get(k).is_some_and(|y| x.eq_value(y)))
+            }
+            (Json::Array(a), Value::Array(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.eq_value(y))
+            }
+            _ => false,
+        }
+    }
+
+    /// The string member `key` of an object not yet serialized (a container's name).
+    pub fn str_member(&self, key: &str) -> Option<&str> {
+        match self {
+            Json::Value(v) => v.get(key).and_then(Value::as_str),
+            Json::Object(m) => match m.get(key) {
+                Some(Json::Value(Value::String(s))) => Some(s),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Member `key` of an object, as a `Value`.
+    pub fn member(&self, key: &str) -> Option<Value> {
+        match self {
+            Json::Value(v) => v.get(key).cloned(),
+            Json::Raw(r) => parse(r).get(key).cloned(),
+            Json::Object(m) => m.get(key).map(Json::to_value),
+            Json::Array(_) => None,
+        }
+    }
+
+    /// Member `key` of an object, read as a `T` (straight from the text when it is raw).
+    pub fn read_member<T: DeserializeOwned>(&self, key: &str) -> Option<serde_json::Result<T>> {
+        match self {
+            Json::Value(v) => v.get(key).map(T::deserialize),
+            Json::Object(m) => m.get(key).map(Json::read),
+            Json::Raw(_) | Json::Array(_) => None,
+        }
+    }
+
+    /// This value read as a `T`.
+    pub fn read<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        match self {
+            Json::Value(v) => T::deserialize(v),
+            Json::Raw(r) => serde_json::from_str(r.get()),
+            other => T::deserialize(other.to_value()),
+        }
+    }
+
+    /// Whether this is an object whose string member `key` is `value`. Raw text is parsed
+    /// only when it contains `"key":"value"`, as serde_json writes it.
+    pub fn has_str_member(&self, key: &str, value: &str) -> bool {
+        match self {
+            Json::Raw(r) => {
+                let needle = format!("{}:{}", Value::from(key), Value::from(value));
+                r.get().contains(&needle)
+                    && r.parse().get(key).and_then(Value::as_str) == Some(value)
+            }
+            other => other.str_member(key) == Some(value),
+        }
+    }
+}
+
+fn parse(r: &Raw) -> Value {
+    r.parse()
+}
+
+impl From<Value> for Json {
+    fn from(v: Value) -> Self {
+        Json::Value(v)
+    }
+}
+
+/// Equal as JSON values (how they are held does not matter).
+impl PartialEq for Json {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Json::Value(a), b) | (b, Json::Value(a)) => b.eq_value(a),
+            (a, b) => a.to_value() == b.to_value(),
+        }
+    }
+}
+
+impl Serialize for Json {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Value(v) => v.serialize(s),
+            Json::Raw(r) => r.serialize(s),
+            Json::Object(m) => s.collect_map(m),
+            Json::Array(a) => s.collect_seq(a),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(Json::Value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> (Json, Value) {
+        let probe =
+            json!({"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 1});
+        let env = json!({"name": "CA_ADDR", "value": "istiod.istio-system.svc:15012"});
+        let mut m = BTreeMap::new();
+        m.insert("name".to_string(), Json::Value(json!("istio-proxy")));
+        m.insert("startupProbe".to_string(), Json::Raw(Raw::new(&probe)));
+        m.insert(
+            "env".to_string(),
+            Json::Array(vec![
+                Json::Raw(Raw::new(&env)),
+                Json::Value(json!({"name": "X", "value": "a\"b"})),
+            ]),
+        );
+        let want = json!({
+            "name": "istio-proxy",
+            "startupProbe": probe,
+            "env": [env, {"name": "X", "value": "a\"b"}],
+        });
+        (Json::Object(m), want)
+    }
+
+    #[test]
+    fn writes_the_bytes_of_the_equivalent_value() {
+        let (j, v) = sample();
+        assert_eq!(
+            serde_json::to_string(&j).expect("json"),
+            serde_json::to_string(&v).expect("json")
+        );
+        assert_eq!(serde_json::to_value(&j).expect("json"), v);
+        assert_eq!(j.to_value(), v);
+        assert_eq!(j.clone().into_value(), v);
+    }
+
+    #[test]
+    fn compares_as_json_values() {
+        let (j, v) = sample();
+        assert!(j.eq_value(&v));
+        assert_eq!(j, Json::Value(v.clone()));
+        let mut other = v.clone();
+        other["startupProbe"]["periodSeconds"] = json!(2);
+        assert!(!j.eq_value(&other));
+        other = v.clone();
+        other["env"].as_array_mut().expect("env").pop();
+        assert!(!j.eq_value(&other));
+        assert!(!j.eq_value(&json!([])));
+    }
+
+    #[test]
+    fn members_read() {
+        let (j, v) = sample();
+        assert_eq!(j.str_member("name"), Some("istio-proxy"));
+        assert_eq!(j.member("startupProbe"), Some(v["startupProbe"].clone()));
+        assert_eq!(j.member("nope"), None);
+        let probe: std::collections::BTreeMap<String, Value> = j
+            .read_member("startupProbe")
+            .expect("member")
+            .expect("a mapping");
+        assert_eq!(
+            Value::Object(probe.into_iter().collect()),
+            v["startupProbe"]
+        );
+        assert!(j
+            .read_member::<u32>("startupProbe")
+            .expect("member")
+            .is_err());
+        let Json::Object(m) = &j else {
+            panic!("object")
+        };
+        let Some(Json::Array(env)) = m.get("env") else {
+            panic!("env")
+        };
+        assert!(env[0].has_str_member("name", "CA_ADDR"));
+        assert!(!env[0].has_str_member("name", "CA"));
+        assert!(!env[0].has_str_member("value", "CA_ADDR"));
+        assert!(env[1].has_str_member("name", "X"));
+        // The text is found inside another member: parsed, and told apart.
+        let tricky = Json::Raw(Raw::new(&json!({"name": "A", "nested": {"name": "B"}})));
+        assert!(matches!(&tricky, Json::Raw(r) if r.get().contains("\"name\":\"B\"")));
+        assert!(!tricky.has_str_member("name", "B"));
+        assert!(tricky.has_str_member("name", "A"));
+    }
+}
