@@ -19,8 +19,9 @@
 //!    annotations) compares as JSON; `resources: {}` and `creationTimestamp: null`, which Go
 //!    writes for empty fields, are dropped.
 
+use podwire_core::inject::json::Json;
 use podwire_core::inject::quantity::Quantity;
-use podwire_core::inject::{apply_patch, plan_in, InjectorConfig, Workload};
+use podwire_core::inject::{apply_patch, plan_in, InjectorConfig, PatchOp, Workload};
 use podwire_core::MeshProfile;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -263,6 +264,20 @@ fn istio_fixtures_match_after_the_documented_normaliser() {
             let ops = plan
                 .patch
                 .unwrap_or_else(|e| panic!("{}: refused: {e}", case.want));
+            // The shared, pre-serialized parts write exactly what plain Values would.
+            let plain: Vec<PatchOp> = ops
+                .iter()
+                .map(|o| PatchOp {
+                    value: Json::Value(o.value.to_value()),
+                    ..o.clone()
+                })
+                .collect();
+            assert_eq!(
+                serde_json::to_string(&ops).expect("JSON"),
+                serde_json::to_string(&plain).expect("JSON"),
+                "{}",
+                case.want
+            );
             apply_patch(&mut pod, &ops).unwrap_or_else(|e| panic!("{}: {e}", case.want));
             let cni = expected
                 .pointer("/metadata/annotations/sidecar.istio.io~1interceptionMode")
