@@ -338,3 +338,60 @@ fn unreadable_objects_are_errors_not_panics() {
         }
     }
 }
+
+#[test]
+fn null_members_of_the_pods_own_proxy_read_as_absent() {
+    // As a hand-written manifest has it (`securityContext:` with nothing after it).
+    let pod = json!({
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"containers": [
+            {"name": "app", "image": "app"},
+            {"name": "istio-proxy", "image": "auto", "securityContext": null, "restartPolicy": null}
+        ]}
+    });
+    let mut patched = pod.clone();
+    apply_patch(&mut patched, &patch_for(&pod, &InjectorConfig::default())).expect("applies");
+    let proxy = patched["spec"]["initContainers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == "istio-proxy"))
+        .expect("the proxy, a native sidecar");
+    assert_eq!(proxy["securityContext"], Value::Null, "{proxy}");
+}
+
+#[test]
+fn the_pods_volumes_keep_the_first_of_each_name() {
+    let pod = json!({
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {
+            "containers": [{"name": "app", "image": "app"}],
+            "volumes": [
+                {"name": "data", "emptyDir": {}},
+                {"name": "data", "configMap": {"name": "c"}},
+                {"emptyDir": {}},
+                {"hostPath": {"path": "/x"}},
+                {"name": "istio-envoy", "emptyDir": {}}
+            ]
+        }
+    });
+    let mut patched = pod.clone();
+    apply_patch(&mut patched, &patch_for(&pod, &InjectorConfig::default())).expect("applies");
+    let volumes = patched["spec"]["volumes"].as_array().expect("volumes");
+    let own: Vec<&Value> = volumes.iter().skip_while(|v| v["name"] != "data").collect();
+    assert_eq!(
+        own,
+        [
+            &json!({"name": "data", "emptyDir": {}}),
+            &json!({"emptyDir": {}})
+        ],
+        "{volumes:?}"
+    );
+    // The template's istio-envoy replaces the pod's own of that name.
+    let envoy: Vec<&Value> = volumes
+        .iter()
+        .filter(|v| v["name"] == "istio-envoy")
+        .collect();
+    assert_eq!(
+        envoy,
+        [&json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}})]
+    );
+}

@@ -1569,14 +1569,21 @@ pub fn render(
 
     // Volumes: the template's first (as Istio's strategic merge leaves them), then the pod's
     // own; a pod volume named like a template one is replaced by it.
-    let own_volumes: Vec<Json> = spec
+    // (The first of the pod's volumes of one name is kept, nameless ones counting as "".)
+    let mut own_volumes: Vec<Json> = Vec::new();
+    let mut own_names: Vec<&str> = Vec::new();
+    for v in spec
         .get("volumes")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|v| !volumes.iter().any(|(n, _)| n == name_of(v)))
-        .map(|v| Json::Value(v.clone()))
-        .collect();
+    {
+        let name = name_of(v);
+        if !volumes.iter().any(|(n, _)| n == name) && !own_names.contains(&name) {
+            own_names.push(name);
+            own_volumes.push(Json::Value(v.clone()));
+        }
+    }
     let pod_volumes: Vec<Json> = volumes
         .into_iter()
         .map(|(_, v)| v)

@@ -10,28 +10,38 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Serialized JSON, shared: cloning is a reference count.
+/// A `Value` serialized once, kept with the value it was written from (so that reading it
+/// back is exact, floats and deep nesting included): cloning is two reference counts.
 #[derive(Debug, Clone)]
-pub struct Raw(Arc<RawValue>);
+pub struct Raw {
+    text: Arc<RawValue>,
+    value: Arc<Value>,
+}
 
 impl Raw {
     /// `v` serialized once.
     pub fn new(v: &Value) -> Raw {
         // A Value always serializes; the fallback (null) is unreachable.
-        Raw(serde_json::value::to_raw_value(v)
-            .unwrap_or_else(|_| RawValue::NULL.to_owned())
-            .into())
+        let text = serde_json::value::to_raw_value(v).unwrap_or_else(|_| RawValue::NULL.to_owned());
+        Raw {
+            text: text.into(),
+            value: Arc::new(v.clone()),
+        }
     }
 
     /// The JSON text.
     pub fn get(&self) -> &str {
-        self.0.get()
+        self.text.get()
     }
 
-    /// Back to a `Value`.
+    /// The value it was written from.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// [`Raw::value`], owned.
     pub fn parse(&self) -> Value {
-        // Raw parts are serialized Values: they always parse back.
-        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+        (*self.value).clone()
     }
 }
 
@@ -44,7 +54,7 @@ impl PartialEq for Raw {
 
 impl Serialize for Raw {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        self.text.serialize(s)
     }
 }
 
@@ -66,7 +76,7 @@ impl Json {
     pub fn to_value(&self) -> Value {
         match self {
             Json::Value(v) => v.clone(),
-            Json::Raw(r) => parse(r),
+            Json::Raw(r) => r.parse(),
             Json::Object(m) => {
                 Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_value())).collect())
             }
@@ -78,7 +88,7 @@ impl Json {
     pub fn into_value(self) -> Value {
         match self {
             Json::Value(v) => v,
-            Json::Raw(r) => parse(&r),
+            Json::Raw(r) => r.parse(),
             Json::Object(m) => {
                 Value::Object(m.into_iter().map(|(k, v)| (k, v.into_value())).collect())
             }
@@ -90,7 +100,7 @@ impl Json {
     pub fn eq_value(&self, v: &Value) -> bool {
         match (self, v) {
             (Json::Value(a), b) => a == b,
-            (Json::Raw(r), b) => parse(r) == *b,
+            (Json::Raw(r), b) => r.value() == b,
             (Json::Object(a), Value::Object(b)) => {
                 a.len() == b.len()
                     && a.iter()
@@ -119,7 +129,7 @@ impl Json {
     pub fn member(&self, key: &str) -> Option<Value> {
         match self {
             Json::Value(v) => v.get(key).cloned(),
-            Json::Raw(r) => parse(r).get(key).cloned(),
+            Json::Raw(r) => r.value().get(key).cloned(),
             Json::Object(m) => m.get(key).map(Json::to_value),
             Json::Array(_) => None,
         }
@@ -130,7 +140,8 @@ impl Json {
         match self {
             Json::Value(v) => v.get(key).map(T::deserialize),
             Json::Object(m) => m.get(key).map(Json::read),
-            Json::Raw(_) | Json::Array(_) => None,
+            Json::Raw(r) => r.value().get(key).map(T::deserialize),
+            Json::Array(_) => None,
         }
     }
 
@@ -138,27 +149,18 @@ impl Json {
     pub fn read<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
         match self {
             Json::Value(v) => T::deserialize(v),
-            Json::Raw(r) => serde_json::from_str(r.get()),
+            Json::Raw(r) => T::deserialize(r.value()),
             other => T::deserialize(other.to_value()),
         }
     }
 
-    /// Whether this is an object whose string member `key` is `value`. Raw text is parsed
-    /// only when it contains `"key":"value"`, as serde_json writes it.
+    /// Whether this is an object whose string member `key` is `value`.
     pub fn has_str_member(&self, key: &str, value: &str) -> bool {
         match self {
-            Json::Raw(r) => {
-                let needle = format!("{}:{}", Value::from(key), Value::from(value));
-                r.get().contains(&needle)
-                    && r.parse().get(key).and_then(Value::as_str) == Some(value)
-            }
+            Json::Raw(r) => r.value().get(key).and_then(Value::as_str) == Some(value),
             other => other.str_member(key) == Some(value),
         }
     }
-}
-
-fn parse(r: &Raw) -> Value {
-    r.parse()
 }
 
 impl From<Value> for Json {
@@ -275,10 +277,29 @@ mod tests {
         assert!(!env[0].has_str_member("name", "CA"));
         assert!(!env[0].has_str_member("value", "CA_ADDR"));
         assert!(env[1].has_str_member("name", "X"));
-        // The text is found inside another member: parsed, and told apart.
-        let tricky = Json::Raw(Raw::new(&json!({"name": "A", "nested": {"name": "B"}})));
-        assert!(matches!(&tricky, Json::Raw(r) if r.get().contains("\"name\":\"B\"")));
-        assert!(!tricky.has_str_member("name", "B"));
-        assert!(tricky.has_str_member("name", "A"));
+        // A nested object's member is not the object's.
+        let nested = Json::Raw(Raw::new(&json!({"name": "A", "nested": {"name": "B"}})));
+        assert!(!nested.has_str_member("name", "B"));
+        assert!(nested.has_str_member("name", "A"));
+        assert_eq!(
+            nested.read_member::<String>("name").map(Result::ok),
+            Some(Some("A".to_string()))
+        );
+    }
+
+    #[test]
+    fn raw_reads_back_exactly_what_it_was_written_from() {
+        // Floats that do not survive a text round trip without float_roundtrip, and nesting
+        // deeper than serde_json's parser allows.
+        let mut deep = json!(1);
+        for _ in 0..200 {
+            deep = json!([deep]);
+        }
+        for v in [json!(971.9863718547629), json!([0.1, 1e300, -2.5e-8]), deep] {
+            let r = Raw::new(&v);
+            assert_eq!(r.parse(), v);
+            assert!(Json::Raw(r.clone()).eq_value(&v));
+            assert_eq!(Json::Raw(r), Json::Value(v));
+        }
     }
 }

@@ -270,16 +270,19 @@ pub fn render_pod(
         let bad = |e: serde_json::Error| Error::InvalidPod {
             reason: format!("the proxy container as merged: {e}"),
         };
+        // A member given as null is absent, as when the whole container is read.
         let c = Container {
             name: proxy.str_member("name").unwrap_or_default().to_string(),
             restart_policy: proxy
-                .read_member("restartPolicy")
+                .read_member::<Option<String>>("restartPolicy")
                 .transpose()
-                .map_err(bad)?,
+                .map_err(bad)?
+                .flatten(),
             security_context: proxy
-                .read_member("securityContext")
+                .read_member::<Option<crate::pod::SecurityContext>>("securityContext")
                 .transpose()
-                .map_err(bad)?,
+                .map_err(bad)?
+                .flatten(),
         };
         view.spec.containers.push(c);
     }
