@@ -111,23 +111,15 @@ fn main() {
         if let Some(c) = canned {
             args.push_str(&format!(" {}", c.display()));
         }
-        let mut server = Server(
-            Command::new(std::env::current_exe().expect("self"))
-                .env(BARE_ENV, args)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("bare server"),
-        );
-        let addr = announced(
-            server.0.stdout.take().expect("stdout"),
+        start(
+            Command::new(std::env::current_exe().expect("self")).env(BARE_ENV, args),
             BARE_LISTENING,
             Box::new(std::io::sink()),
-        );
-        (server, addr)
+        )
     };
     let (bare, bare_addr) = bare_like(None);
     let (ceiling, ceiling_addr) = bare_like(Some(&canned));
-    let mut inj = Server(
+    let (inj, inj_addr) = start(
         Command::new(env!("CARGO_BIN_EXE_podwire-injector"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -137,13 +129,7 @@ fn main() {
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.path().join("tls.key"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("injector"),
-    );
-    let inj_addr = announced(
-        inj.0.stdout.take().expect("stdout"),
+            .stderr(Stdio::inherit()),
         INJECTOR_LISTENING,
         Box::new(std::io::stdout()),
     );
@@ -155,8 +141,8 @@ fn main() {
         "webhook throughput: {clients} keep-alive clients, {secs}s per run, body {} bytes (controller-pod.json)",
         body.len()
     );
-    // Rounds alternate which server goes first; each round's ratio compares neighbours in
-    // time (the machine may be shared), and the median round is reported.
+    // Each round starts with another server; its ratios compare neighbours in time (the
+    // machine may be shared), and the median round is reported.
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let mut peak_rss = 0u64;
     let distinct = Bodies::new(&body, true);
@@ -260,6 +246,18 @@ impl Bodies {
 }
 
 struct Server(Child);
+
+/// Spawn `cmd` with its stdout piped, and wait for the address it announces (see
+/// [`announced`]).
+fn start(
+    cmd: &mut Command,
+    marker: &str,
+    rest: Box<dyn std::io::Write + Send>,
+) -> (Server, SocketAddr) {
+    let mut server = Server(cmd.stdout(Stdio::piped()).spawn().expect("server"));
+    let addr = announced(server.0.stdout.take().expect("stdout"), marker, rest);
+    (server, addr)
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
