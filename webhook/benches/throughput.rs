@@ -190,7 +190,11 @@ fn main() {
             shown(&ceilings)
         );
     }
-    for (name, addr) in [("bare", bare_addr), ("injector", inj_addr)] {
+    for (name, addr) in [
+        ("bare", bare_addr),
+        ("ceiling", ceiling_addr),
+        ("injector", inj_addr),
+    ] {
         let pid = (name == "injector").then(|| inj.0.id());
         let (p50, p99, n, rss) = fixed_rate(&ca, addr, &distinct, rate, secs, pid);
         peak_rss = peak_rss.max(rss);
