@@ -1886,6 +1886,102 @@ fn convert(probe: &mut Value, url: &str, status_port: i64, grpc: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A scalar, a small object, or a list of objects keyed the ways `merge_over` merges.
+    fn member() -> impl Strategy<Value = Value> {
+        let scalar = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (0u16..3).prop_map(Value::from),
+            "[a-c]{0,2}".prop_map(Value::from),
+        ];
+        let item = (
+            prop::option::of("[a-c]{1,2}"),
+            prop::option::of(15090u16..15092),
+            prop::option::of("/[a-c]{1,2}"),
+            prop::option::of(scalar.clone()),
+        )
+            .prop_map(|(name, port, path, value)| {
+                let mut m = Map::new();
+                if let Some(n) = name {
+                    m.insert("name".into(), json!(n));
+                }
+                if let Some(p) = port {
+                    m.insert("containerPort".into(), json!(p));
+                }
+                if let Some(p) = path {
+                    m.insert("mountPath".into(), json!(p));
+                }
+                if let Some(v) = value {
+                    m.insert("value".into(), v);
+                }
+                Value::Object(m)
+            });
+        prop_oneof![
+            scalar.clone(),
+            prop::collection::vec(item, 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-c]", scalar, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    }
+
+    fn container() -> impl Strategy<Value = Map<String, Value>> {
+        let key = prop::sample::select(vec![
+            "name",
+            "image",
+            "env",
+            "ports",
+            "volumeMounts",
+            "securityContext",
+            "args",
+        ]);
+        prop::collection::btree_map(key.prop_map(String::from), member(), 0..6)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        /// The render's member-by-member merge over a container holding shared parts, and its
+        /// env append, give exactly what `merge_over` and a plain append give on the whole
+        /// container as a Value.
+        #[test]
+        fn merging_into_shared_parts_is_merging_the_whole(
+            base in container(),
+            raw_keys in prop::collection::vec(any::<bool>(), 7),
+            overlays in prop::collection::vec(container(), 1..3),
+            env_name in "[a-c]{1,2}",
+        ) {
+            let whole = Value::Object(base.clone());
+            let mut json = Json::Object(
+                base.iter()
+                    .zip(raw_keys.iter().cycle())
+                    .map(|((k, v), raw)| {
+                        let part = match v {
+                            // An env list as the render builds it: shared items and Values.
+                            Value::Array(items) if k == "env" => Json::Array(
+                                items.iter().map(|i| Json::Raw(Raw::new(i))).collect(),
+                            ),
+                            v if *raw => Json::Raw(Raw::new(v)),
+                            v => Json::Value(v.clone()),
+                        };
+                        (k.clone(), part)
+                    })
+                    .collect(),
+            );
+            let mut want = whole;
+            for o in &overlays {
+                let o = Value::Object(o.clone());
+                merge_into(&mut json, &o);
+                merge_over(&mut want, &o);
+            }
+            let entry = json!({"name": env_name, "value": "x"});
+            push_env(&mut json, entry.clone());
+            if let Some(Value::Array(list)) = want.get_mut("env") {
+                push_env_value(list, &env_name, entry);
+            }
+            prop_assert_eq!(json.to_value(), want);
+        }
+    }
 
     #[test]
     fn exclude_inbound_port_adds_the_status_port_once() {
