@@ -107,6 +107,13 @@ struct Inner {
     bytes: usize,
 }
 
+impl Inner {
+    /// Whether the entries are answers under `config`.
+    fn holds(&self, config: &Arc<InjectorConfig>) -> bool {
+        self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config))
+    }
+}
+
 /// The memo: at most [`Memo::MAX_ENTRIES`] answers, oldest evicted first.
 #[derive(Debug, Default)]
 pub struct Memo {
@@ -126,6 +133,10 @@ impl Memo {
         self.hasher.hash_one(r.object)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The remembered answer for `r` under `config` and the namespace's `labels`.
     pub fn get(
         &self,
@@ -134,12 +145,8 @@ impl Memo {
         labels: Option<&Labels>,
     ) -> Option<Answer> {
         let key = self.key(r);
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if !inner
-            .config
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, config))
-        {
+        let inner = self.lock();
+        if !inner.holds(config) {
             return None;
         }
         let e = inner.entries.get(&key)?;
@@ -189,12 +196,8 @@ impl Memo {
                 summary: reviewed.summary.as_str().into(),
             },
         };
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if !inner
-            .config
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, config))
-        {
+        let mut inner = self.lock();
+        if !inner.holds(config) {
             *inner = Inner {
                 config: Some(config.clone()),
                 ..Inner::default()
@@ -217,16 +220,12 @@ impl Memo {
 
     /// Bytes held now (objects and answers).
     pub fn bytes(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
+        self.lock().bytes
     }
 
     /// Answers kept now.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entries
-            .len()
+        self.lock().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {

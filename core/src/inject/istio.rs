@@ -571,55 +571,57 @@ pub fn merge_over(base: &mut Value, overlay: &Value) {
     match (base, overlay) {
         (Value::Object(b), Value::Object(o)) => {
             for (k, ov) in o {
-                let key = match k.as_str() {
-                    "env" => Some("name"),
-                    "ports" => Some("containerPort"),
-                    "volumeMounts" => Some("mountPath"),
-                    "volumeDevices" => Some("devicePath"),
-                    _ => None,
-                };
-                match (b.get_mut(k), key, ov) {
-                    (Some(Value::Array(ba)), Some(key), Value::Array(oa)) => {
-                        for item in oa {
-                            let id = item.get(key);
-                            match ba.iter_mut().find(|x| id.is_some() && x.get(key) == id) {
-                                Some(x) => merge_over(x, item),
-                                None => ba.push(item.clone()),
-                            }
-                        }
-                    }
-                    (Some(bv @ Value::Object(_)), _, Value::Object(_)) => merge_over(bv, ov),
-                    _ => {
-                        b.insert(k.clone(), ov.clone());
-                    }
-                }
+                merge_member(b, k, ov);
             }
         }
         (b, o) => *b = o.clone(),
     }
 }
 
-/// [`merge_over`] on the proxy container as rendered: member by member (as `merge_over`
-/// treats them), so only the members the overlay names are read back from their shared form.
+/// [`merge_over`] of one overlay member `k`: all it reads and changes of `b` is `b[k]`.
+fn merge_member(b: &mut Map<String, Value>, k: &str, ov: &Value) {
+    let key = match k {
+        "env" => Some("name"),
+        "ports" => Some("containerPort"),
+        "volumeMounts" => Some("mountPath"),
+        "volumeDevices" => Some("devicePath"),
+        _ => None,
+    };
+    match (b.get_mut(k), key, ov) {
+        (Some(Value::Array(ba)), Some(key), Value::Array(oa)) => {
+            for item in oa {
+                let id = item.get(key);
+                match ba.iter_mut().find(|x| id.is_some() && x.get(key) == id) {
+                    Some(x) => merge_over(x, item),
+                    None => ba.push(item.clone()),
+                }
+            }
+        }
+        (Some(bv @ Value::Object(_)), _, Value::Object(_)) => merge_over(bv, ov),
+        _ => {
+            b.insert(k.to_string(), ov.clone());
+        }
+    }
+}
+
+/// [`merge_over`] on the proxy container as rendered, member by member: only the members the
+/// overlay names are read back from their shared form.
 fn merge_into(proxy: &mut Json, overlay: &Value) {
     match (proxy, overlay) {
         (Json::Object(c), Value::Object(o)) => {
             for (k, ov) in o {
-                let mut base = Map::new();
-                if let Some(cur) = c.remove(k) {
-                    base.insert(k.clone(), cur.into_value());
-                }
-                let mut base = Value::Object(base);
                 let mut one = Map::new();
-                one.insert(k.clone(), ov.clone());
-                merge_over(&mut base, &Value::Object(one));
-                if let Some(v) = base.get_mut(k.as_str()) {
-                    c.insert(k.clone(), Json::Value(v.take()));
+                if let Some(cur) = c.remove(k) {
+                    one.insert(k.clone(), cur.to_value());
+                }
+                merge_member(&mut one, k, ov);
+                if let Some(v) = one.remove(k) {
+                    c.insert(k.clone(), Json::Value(v));
                 }
             }
         }
         (p, o) => {
-            let mut v = std::mem::replace(p, Json::Value(Value::Null)).into_value();
+            let mut v = p.to_value();
             merge_over(&mut v, o);
             *p = Json::Value(v);
         }
@@ -753,8 +755,6 @@ fn name_of(c: &Value) -> &str {
     c.get("name").and_then(Value::as_str).unwrap_or("")
 }
 
-/// Render Istio's sidecar for `pod` (a Pod object as the API server sends it, or a pod
-/// template with its metadata). Checks every annotation the template reads before using it.
 /// The parts of the sidecar that depend on the settings and podwire's proxy overrides alone:
 /// built and serialized once per settings change (with [`super::patch::RenderInputs`]) and
 /// shared by every pod's patch, instead of being built from `json!` literals per pod.
@@ -969,6 +969,8 @@ impl Prebuilt {
     }
 }
 
+/// Render Istio's sidecar for `pod` (a Pod object as the API server sends it, or a pod
+/// template with its metadata). Checks every annotation the template reads before using it.
 pub fn render(
     pod: &Value,
     workload: &Workload,
@@ -1191,23 +1193,17 @@ pub fn render(
         }
     }
     ports_text.push_str("\n]");
-    push_value(&mut envs, env("ISTIO_META_POD_PORTS", ports_text));
-    push_value(
-        &mut envs,
-        env("ISTIO_META_APP_CONTAINERS", app_names.join(",")),
-    );
+    envs.push(env("ISTIO_META_POD_PORTS", ports_text).into());
+    envs.push(env("ISTIO_META_APP_CONTAINERS", app_names.join(",")).into());
     envs.push(Json::Raw(pre.gomemlimit_env.clone()));
     if s.cluster_name.is_empty() {
-        push_value(&mut envs, env("ISTIO_META_CLUSTER_ID", "Kubernetes"));
+        envs.push(env("ISTIO_META_CLUSTER_ID", "Kubernetes").into());
     }
     envs.push(Json::Raw(pre.node_name_env.clone()));
-    push_value(
-        &mut envs,
-        env("ISTIO_META_INTERCEPTION_MODE", &interception),
-    );
+    envs.push(env("ISTIO_META_INTERCEPTION_MODE", &interception).into());
     let workload_name = label("service.istio.io/workload-name").unwrap_or(&workload.name);
     if !workload_name.is_empty() {
-        push_value(&mut envs, env("ISTIO_META_WORKLOAD_NAME", workload_name));
+        envs.push(env("ISTIO_META_WORKLOAD_NAME", workload_name).into());
     }
     if !workload.api_version.is_empty() && !workload.name.is_empty() {
         let ns = if workload.namespace.is_empty() {
@@ -1215,8 +1211,7 @@ pub fn render(
         } else {
             &workload.namespace
         };
-        push_value(
-            &mut envs,
+        envs.push(
             env(
                 "ISTIO_META_OWNER",
                 format!(
@@ -1225,17 +1220,18 @@ pub fn render(
                     workload.kind.to_lowercase(),
                     workload.name
                 ),
-            ),
+            )
+            .into(),
         );
     }
     let bootstrap = ann(a, "sidecar.istio.io/bootstrapOverride");
     if bootstrap.is_some() {
-        push_value(
-            &mut envs,
+        envs.push(
             env(
                 "ISTIO_BOOTSTRAP_OVERRIDE",
                 "/etc/istio/custom-bootstrap/custom_bootstrap.json",
-            ),
+            )
+            .into(),
         );
     }
     let trust_domain = if s.mesh_trust_domain.is_empty() {
@@ -1244,22 +1240,22 @@ pub fn render(
         s.mesh_trust_domain.clone()
     };
     if !s.mesh_id.is_empty() {
-        push_value(&mut envs, env("ISTIO_META_MESH_ID", &s.mesh_id));
+        envs.push(env("ISTIO_META_MESH_ID", &s.mesh_id).into());
     } else if !trust_domain.is_empty() {
-        push_value(&mut envs, env("ISTIO_META_MESH_ID", &trust_domain));
+        envs.push(env("ISTIO_META_MESH_ID", &trust_domain).into());
     }
     if !trust_domain.is_empty() {
-        push_value(&mut envs, env("TRUST_DOMAIN", &trust_domain));
+        envs.push(env("TRUST_DOMAIN", &trust_domain).into());
     }
     for (k, v) in &metadata {
-        push_value(&mut envs, env(k, v));
+        envs.push(env(k, v).into());
     }
     // Istio moves the cluster id and network it resolved to the end, sorted.
     if !s.cluster_name.is_empty() {
-        push_value(&mut envs, env("ISTIO_META_CLUSTER_ID", &s.cluster_name));
+        envs.push(env("ISTIO_META_CLUSTER_ID", &s.cluster_name).into());
     }
     if !network.is_empty() {
-        push_value(&mut envs, env("ISTIO_META_NETWORK", &network));
+        envs.push(env("ISTIO_META_NETWORK", &network).into());
     }
 
     // The container: settings-only parts shared as they were serialized once.
@@ -1656,7 +1652,7 @@ fn push_env(proxy: &mut Json, e: Value) {
     match proxy {
         Json::Object(c) => match c.get_mut("env") {
             Some(Json::Array(list)) => {
-                list.retain(|x| !x.has_str_member("name", &name));
+                list.retain(|x| x.str_member("name") != Some(name.as_str()));
                 list.push(Json::Value(e));
             }
             Some(Json::Value(Value::Array(list))) => push_env_value(list, &name, e),
@@ -1680,10 +1676,6 @@ fn push_env_value(list: &mut Vec<Value>, name: &str, e: Value) {
 fn shared(list: &[(String, Raw)]) -> impl Iterator<Item = (Cow<'_, str>, Json)> + '_ {
     list.iter()
         .map(|(n, r)| (Cow::Borrowed(n.as_str()), Json::Raw(r.clone())))
-}
-
-fn push_value(list: &mut Vec<Json>, v: Value) {
-    list.push(Json::Value(v));
 }
 
 fn drop_zero(mut v: Value) -> Value {

@@ -38,11 +38,6 @@ impl Raw {
     pub fn value(&self) -> &Value {
         &self.value
     }
-
-    /// [`Raw::value`], owned.
-    pub fn parse(&self) -> Value {
-        (*self.value).clone()
-    }
 }
 
 /// Equal as text: both were written by serde_json from a `Value`.
@@ -72,11 +67,11 @@ pub enum Json {
 }
 
 impl Json {
-    /// The same value as a `Value` (raw parts parsed).
+    /// The same value as a `Value`.
     pub fn to_value(&self) -> Value {
         match self {
             Json::Value(v) => v.clone(),
-            Json::Raw(r) => r.parse(),
+            Json::Raw(r) => r.value().clone(),
             Json::Object(m) => {
                 Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_value())).collect())
             }
@@ -84,19 +79,7 @@ impl Json {
         }
     }
 
-    /// [`Json::to_value`], moving what it can.
-    pub fn into_value(self) -> Value {
-        match self {
-            Json::Value(v) => v,
-            Json::Raw(r) => r.parse(),
-            Json::Object(m) => {
-                Value::Object(m.into_iter().map(|(k, v)| (k, v.into_value())).collect())
-            }
-            Json::Array(a) => Value::Array(a.into_iter().map(Json::into_value).collect()),
-        }
-    }
-
-    /// Whether this equals `v`; raw parts are parsed only when the shapes around them match.
+    /// Whether this equals `v`.
     pub fn eq_value(&self, v: &Value) -> bool {
         match (self, v) {
             (Json::Value(a), b) => a == b,
@@ -113,29 +96,21 @@ impl Json {
         }
     }
 
-    /// The string member `key` of an object not yet serialized (a container's name).
+    /// The string member `key` of an object (a container's or an env entry's name).
     pub fn str_member(&self, key: &str) -> Option<&str> {
         match self {
             Json::Value(v) => v.get(key).and_then(Value::as_str),
-            Json::Object(m) => match m.get(key) {
-                Some(Json::Value(Value::String(s))) => Some(s),
+            Json::Raw(r) => r.value().get(key).and_then(Value::as_str),
+            Json::Object(m) => match m.get(key)? {
+                Json::Value(v) => v.as_str(),
+                Json::Raw(r) => r.value().as_str(),
                 _ => None,
             },
-            _ => None,
-        }
-    }
-
-    /// Member `key` of an object, as a `Value`.
-    pub fn member(&self, key: &str) -> Option<Value> {
-        match self {
-            Json::Value(v) => v.get(key).cloned(),
-            Json::Raw(r) => r.value().get(key).cloned(),
-            Json::Object(m) => m.get(key).map(Json::to_value),
             Json::Array(_) => None,
         }
     }
 
-    /// Member `key` of an object, read as a `T` (straight from the text when it is raw).
+    /// Member `key` of an object, read as a `T`.
     pub fn read_member<T: DeserializeOwned>(&self, key: &str) -> Option<serde_json::Result<T>> {
         match self {
             Json::Value(v) => v.get(key).map(T::deserialize),
@@ -151,14 +126,6 @@ impl Json {
             Json::Value(v) => T::deserialize(v),
             Json::Raw(r) => T::deserialize(r.value()),
             other => T::deserialize(other.to_value()),
-        }
-    }
-
-    /// Whether this is an object whose string member `key` is `value`.
-    pub fn has_str_member(&self, key: &str, value: &str) -> bool {
-        match self {
-            Json::Raw(r) => r.value().get(key).and_then(Value::as_str) == Some(value),
-            other => other.str_member(key) == Some(value),
         }
     }
 }
@@ -232,7 +199,6 @@ mod tests {
         );
         assert_eq!(serde_json::to_value(&j).expect("json"), v);
         assert_eq!(j.to_value(), v);
-        assert_eq!(j.clone().into_value(), v);
     }
 
     #[test]
@@ -253,8 +219,7 @@ mod tests {
     fn members_read() {
         let (j, v) = sample();
         assert_eq!(j.str_member("name"), Some("istio-proxy"));
-        assert_eq!(j.member("startupProbe"), Some(v["startupProbe"].clone()));
-        assert_eq!(j.member("nope"), None);
+        assert!(j.read_member::<Value>("nope").is_none());
         let probe: std::collections::BTreeMap<String, Value> = j
             .read_member("startupProbe")
             .expect("member")
@@ -273,14 +238,12 @@ mod tests {
         let Some(Json::Array(env)) = m.get("env") else {
             panic!("env")
         };
-        assert!(env[0].has_str_member("name", "CA_ADDR"));
-        assert!(!env[0].has_str_member("name", "CA"));
-        assert!(!env[0].has_str_member("value", "CA_ADDR"));
-        assert!(env[1].has_str_member("name", "X"));
+        assert_eq!(env[0].str_member("name"), Some("CA_ADDR"));
+        assert_eq!(env[0].str_member("nope"), None);
+        assert_eq!(env[1].str_member("name"), Some("X"));
         // A nested object's member is not the object's.
         let nested = Json::Raw(Raw::new(&json!({"name": "A", "nested": {"name": "B"}})));
-        assert!(!nested.has_str_member("name", "B"));
-        assert!(nested.has_str_member("name", "A"));
+        assert_eq!(nested.str_member("name"), Some("A"));
         assert_eq!(
             nested.read_member::<String>("name").map(Result::ok),
             Some(Some("A".to_string()))
@@ -297,7 +260,7 @@ mod tests {
         }
         for v in [json!(971.9863718547629), json!([0.1, 1e300, -2.5e-8]), deep] {
             let r = Raw::new(&v);
-            assert_eq!(r.parse(), v);
+            assert_eq!(r.value(), &v);
             assert!(Json::Raw(r.clone()).eq_value(&v));
             assert_eq!(Json::Raw(r), Json::Value(v));
         }
