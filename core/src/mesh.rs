@@ -2,7 +2,9 @@
 //!
 //! DESIGN.md: its namespace is not excluded, it has the proxy container, it carries the status
 //! annotation, the inject label/annotation is not `"false"`, and the interception mode is
-//! `REDIRECT` (the default). Anything else passes through untouched.
+//! `REDIRECT` (the default). As istio-cni, it also leaves alone a pod the mesh's own init
+//! container redirects, a gateway (`proxy router`) and a proxyless pod (`DISABLE_ENVOY=true`).
+//! Anything else passes through untouched.
 
 use crate::{MeshProfile, PodInfo};
 
@@ -42,11 +44,36 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
             "pass-through: pod uses hostNetwork, redirection would hit the node".into(),
         );
     }
-    if pod.container(profile.proxy_container).is_none() {
+    let Some(proxy) = pod.container(profile.proxy_container) else {
         return MeshDecision::PassThrough(format!(
             "pass-through: pod has no {} container (not injected)",
             profile.proxy_container
         ));
+    };
+    if pod.container(profile.init_container).is_some() {
+        return MeshDecision::PassThrough(format!(
+            "pass-through: pod has the mesh's own {} init container, which programs its \
+             redirection (injected without the mesh's CNI)",
+            profile.init_container
+        ));
+    }
+    if let [cmd, kind, ..] = proxy.args.as_slice() {
+        if cmd == profile.proxy_command && kind != profile.sidecar_type {
+            return MeshDecision::PassThrough(format!(
+                "pass-through: {} runs as `{cmd} {kind}` (a gateway receives its traffic \
+                 directly; only `{cmd} {}` is redirected)",
+                profile.proxy_container, profile.sidecar_type
+            ));
+        }
+    }
+    if let Some(v) = proxy.env_value(profile.proxyless_env) {
+        // Go's strconv.ParseBool, as the mesh's agent reads it.
+        if matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True") {
+            return MeshDecision::PassThrough(format!(
+                "pass-through: {}={v} on {} (proxyless: nothing listens on the capture ports)",
+                profile.proxyless_env, profile.proxy_container
+            ));
+        }
     }
     if pod.annotation(profile.status_key).is_none() {
         return MeshDecision::PassThrough(format!(
@@ -76,6 +103,7 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pod::{Container, EnvVar};
 
     fn excluded() -> Vec<String> {
         DEFAULT_EXCLUDED_NAMESPACES
@@ -129,6 +157,23 @@ mod tests {
         let mut pod = mesh_pod();
         pod.spec.host_network = true;
         cases.push((pod, "hostNetwork"));
+        let mut pod = mesh_pod();
+        pod.spec.init_containers.push(Container {
+            name: "istio-init".into(),
+            ..Container::default()
+        });
+        cases.push((pod, "istio-init init container"));
+        let mut pod = mesh_pod();
+        pod.spec.containers[1].args = vec!["proxy".into(), "router".into()];
+        cases.push((pod, "`proxy router` (a gateway"));
+        for yes in ["true", "1", "True"] {
+            let mut pod = mesh_pod();
+            pod.spec.containers[1].env = vec![EnvVar {
+                name: "DISABLE_ENVOY".into(),
+                value: Some(yes.into()),
+            }];
+            cases.push((pod, "proxyless"));
+        }
         for (pod, want) in cases {
             match mesh_decision(&pod, &p, &excluded()) {
                 MeshDecision::PassThrough(reason) => {
@@ -137,6 +182,32 @@ mod tests {
                 MeshDecision::Redirect => panic!("{pod:?} must pass through ({want})"),
             }
         }
+    }
+
+    #[test]
+    fn what_istio_cni_also_redirects_is_redirected() {
+        // `proxy sidecar`, DISABLE_ENVOY false, another container's env: still a mesh pod.
+        let pod: PodInfo = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop",
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"containers": [
+                {"name": "app", "env": [{"name": "DISABLE_ENVOY", "value": "true"}]},
+                {"name": "istio-proxy", "args": ["proxy", "sidecar", "--domain", "x"],
+                 "env": [{"name": "DISABLE_ENVOY", "value": "false"},
+                         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}]}
+        }))
+        .expect("pod");
+        assert_eq!(
+            pod.spec.containers[1].args,
+            ["proxy", "sidecar"],
+            "two args kept"
+        );
+        assert_eq!(
+            pod.spec.containers[1].env.len(),
+            1,
+            "only DISABLE_ENVOY kept"
+        );
+        assert!(mesh_decision(&pod, &MeshProfile::istio(), &excluded()).is_redirect());
     }
 
     #[test]

@@ -55,6 +55,43 @@ pub struct Container {
     pub restart_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
+    /// The first two arguments only: the proxy's type (`proxy sidecar`, `proxy router`).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "first_two_args"
+    )]
+    pub args: Vec<String>,
+    /// Literal env values only, and only of the variables a decision reads ([`READ_ENV`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "read_env"
+    )]
+    pub env: Vec<EnvVar>,
+}
+
+/// Env variables a decision reads; the rest of a container's env is never kept.
+pub const READ_ENV: [&str; 1] = ["DISABLE_ENVOY"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub name: String,
+    /// Absent when the variable comes from `valueFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+fn first_two_args<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let mut args = Option::<Vec<String>>::deserialize(d)?.unwrap_or_default();
+    args.truncate(2);
+    Ok(args)
+}
+
+fn read_env<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
+    let mut env = Option::<Vec<EnvVar>>::deserialize(d)?.unwrap_or_default();
+    env.retain(|e| READ_ENV.contains(&e.name.as_str()));
+    Ok(env)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +105,16 @@ pub struct SecurityContext {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+impl Container {
+    /// The literal value of env variable `name` (one of [`READ_ENV`]).
+    pub fn env_value(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    }
 }
 
 impl PodInfo {

@@ -80,6 +80,16 @@ pub struct MeshProfile {
     pub interception_mode_key: &'static str,
     /// Name of the proxy container (`istio-proxy`).
     pub proxy_container: &'static str,
+    /// The mesh's own redirection init container (`istio-init`): a pod that has one is
+    /// redirected by it, and a second set of rules would make it fail.
+    pub init_container: &'static str,
+    /// The proxy's first argument and the type that is a sidecar (`proxy sidecar`); any other
+    /// type (`proxy router`: a gateway) receives its traffic directly and is not redirected.
+    pub proxy_command: &'static str,
+    pub sidecar_type: &'static str,
+    /// Proxy env var that marks a proxyless pod (`DISABLE_ENVOY=true`): nothing would listen
+    /// on the capture ports.
+    pub proxyless_env: &'static str,
     /// Default uid/gid of the proxy (1337).
     pub proxy_uid: u32,
     pub proxy_gid: u32,
@@ -102,6 +112,10 @@ impl MeshProfile {
             status_key: "sidecar.istio.io/status",
             interception_mode_key: "sidecar.istio.io/interceptionMode",
             proxy_container: "istio-proxy",
+            init_container: "istio-init",
+            proxy_command: "proxy",
+            sidecar_type: "sidecar",
+            proxyless_env: "DISABLE_ENVOY",
             proxy_uid: 1337,
             proxy_gid: 1337,
             ports: ProxyPorts {

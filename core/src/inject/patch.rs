@@ -283,6 +283,7 @@ pub fn render_pod(
                 .transpose()
                 .map_err(bad)?
                 .flatten(),
+            ..Container::default()
         };
         view.spec.containers.push(c);
     }

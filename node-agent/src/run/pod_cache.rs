@@ -11,6 +11,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use podwire_core::lookup::{self, LookupRequest, PodMatch};
+use podwire_core::pod::READ_ENV;
 use podwire_core::PodInfo;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,6 +36,20 @@ pub fn strip(pod: &mut Pod) {
     let container = |c: &mut Container| Container {
         name: std::mem::take(&mut c.name),
         restart_policy: c.restart_policy.take(),
+        // As core's PodInfo reads them: the proxy's type, and only the env a decision reads.
+        args: c.args.take().map(|mut a| {
+            a.truncate(2);
+            a
+        }),
+        env: c
+            .env
+            .take()
+            .map(|e| {
+                e.into_iter()
+                    .filter(|v| READ_ENV.contains(&v.name.as_str()))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|e| !e.is_empty()),
         security_context: c.security_context.take().map(|s| SecurityContext {
             run_as_user: s.run_as_user,
             run_as_group: s.run_as_group,
@@ -136,7 +151,8 @@ mod tests {
             "spec": {"nodeName": "n1", "hostNetwork": false,
                 "volumes": [{"name": "v", "emptyDir": {}}],
                 "initContainers": [{"name": "istio-proxy", "image": "proxyv2", "restartPolicy": "Always",
-                    "env": [{"name": "A", "value": "b"}],
+                    "args": ["proxy", "router", "--domain", "x"],
+                    "env": [{"name": "A", "value": "b"}, {"name": "DISABLE_ENVOY", "value": "true"}],
                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "privileged": false}}],
                 "containers": [{"name": "app", "image": "nginx", "args": ["x"]}]},
             "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
@@ -161,7 +177,13 @@ mod tests {
             .init_containers
             .as_ref()
             .expect("init")[0];
-        assert!(proxy.env.is_none() && proxy.image.is_none());
+        assert!(proxy.image.is_none());
+        assert_eq!(
+            proxy.args.as_deref(),
+            Some(&["proxy".into(), "router".into()][..])
+        );
+        let env = proxy.env.as_deref().expect("the env a decision reads");
+        assert_eq!((env.len(), env[0].name.as_str()), (1, "DISABLE_ENVOY"));
         assert_eq!(
             stripped.status.as_ref().and_then(|s| s.phase.as_deref()),
             Some("Running")
