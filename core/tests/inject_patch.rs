@@ -240,6 +240,38 @@ fn bad_annotations_are_refused_naming_key_and_value() {
         ("sidecar.istio.io/nativeSidecar", "yes", "true or false"),
         ("proxy.istio.io/config", "[1, 2]", "ProxyConfig mapping"),
         ("sidecar.istio.io/userVolume", "{\"v\": 1}", "named object"),
+        (
+            "inject.istio.io/templates",
+            "grpc-agent",
+            "`sidecar` and `gateway`",
+        ),
+        (
+            "inject.istio.io/templates",
+            "sidecar,gateway",
+            "`sidecar` and `gateway`",
+        ),
+        ("inject.istio.io/templates", "", "`sidecar` and `gateway`"),
+        (
+            "prometheus.io/port",
+            "15000",
+            "reserved for Istio (Envoy admin)",
+        ),
+        (
+            "prometheus.istio.io/scrape-targets",
+            "15020:/metrics",
+            "the agent's own",
+        ),
+        ("prometheus.io/port", "http", "1-65535"),
+        (
+            "prometheus.istio.io/scrape-targets",
+            "8080:/m,15090:/x",
+            "reserved for Istio (Envoy Prometheus",
+        ),
+        (
+            "prometheus.istio.io/scrape-targets",
+            ":/metrics",
+            "empty port",
+        ),
     ] {
         let pod = json!({"metadata": {"name": "x", "annotations": {key: value}},
                          "spec": {"containers": [{"name": "app"}]}});

@@ -21,12 +21,18 @@ use std::collections::BTreeMap;
 pub const PROXY: &str = "istio-proxy";
 /// `sidecar.istio.io/status`.
 pub const STATUS: &str = "sidecar.istio.io/status";
+/// Env telling pilot-agent to probe the app on localhost (mesh `inboundTrafficPolicy:
+/// LOCALHOST`), sidecar template only.
+const LEGACY_LOCALHOST: &str = "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION";
+/// `inject.istio.io/templates`: the injection templates a pod asks for (Istio's default:
+/// `sidecar`).
+pub const TEMPLATES: &str = "inject.istio.io/templates";
 /// `proxy.istio.io/overrides`: the pod's own proxy container, kept for re-injection.
 pub const OVERRIDES: &str = "proxy.istio.io/overrides";
 
 /// Per-pod annotations of Istio's template (or injector) that podwire does not apply; each one
 /// present on a pod is named in an AdmissionResponse warning, with why.
-pub const REFUSED_ANNOTATIONS: [(&str, &str); 6] = [
+pub const REFUSED_ANNOTATIONS: [(&str, &str); 5] = [
     (
         "sidecar.istio.io/capNetBindService",
         "it runs the proxy as root; podwire keeps the proxy restricted",
@@ -34,10 +40,6 @@ pub const REFUSED_ANNOTATIONS: [(&str, &str); 6] = [
     (
         "sidecar.istio.io/enableCoreDump",
         "it needs a privileged init container; podwire adds none",
-    ),
-    (
-        "sidecar.istio.io/templates",
-        "podwire renders only Istio's `sidecar` template",
     ),
     (
         "traffic.sidecar.istio.io/kubevirtInterfaces",
@@ -129,6 +131,9 @@ pub struct Resolved {
     pub mesh_trust_domain: String,
     pub prometheus_merge: bool,
     pub inbound_localhost: bool,
+    /// `values.gateways.securityContext`: the gateway template's pod securityContext
+    /// (default: unprivileged ports from 0, so a gateway binds 80/443 without a capability).
+    pub gateway_security_context: Option<Value>,
     /// `PROXY_CONFIG` for a pod without `proxy.istio.io/config`: `default_config` cleaned
     /// (computed once, from the fields above).
     pub default_proxy_config_env: String,
@@ -379,6 +384,7 @@ impl IstioSettings<'_> {
             mesh_trust_domain,
             prometheus_merge: m.b("enablePrometheusMerge", true)?,
             inbound_localhost,
+            gateway_security_context: v.obj("gateways.securityContext")?,
         };
         for (field, text) in [
             ("values.global.hub", &r.hub),
@@ -515,6 +521,127 @@ pub struct Overrides {
 
 fn ann<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     a.get(k).and_then(Value::as_str)
+}
+
+/// Prometheus's label-name sanitising: `prometheus.io/scrape`, `prometheus.io.scrape` and
+/// `prometheus-io/scrape` all read as `prometheus_io_scrape`, and Istio's webhook matches the
+/// pod's annotations the same way.
+fn sanitise_label_name(k: &str) -> String {
+    k.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The pod's annotations (key, value) whose sanitised key is `name`.
+fn prometheus_annotations<'a>(
+    a: &'a Map<String, Value>,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    a.iter()
+        .filter(move |(k, _)| sanitise_label_name(k) == name)
+        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Ports the proxy owns; scraping one of them would read Istio itself, not the app
+/// (pilot-agent's list, with why).
+const RESERVED_PORTS: [(u16, &str); 9] = [
+    (15000, "Envoy admin"),
+    (15001, "outbound traffic capture"),
+    (15004, "pilot debug"),
+    (15006, "inbound traffic capture"),
+    (15008, "HBONE tunnel"),
+    (15020, "pilot-agent status / merged Prometheus"),
+    (15021, "Envoy health"),
+    (15053, "DNS proxy"),
+    (15090, "Envoy Prometheus (already merged)"),
+];
+
+/// The app's scrape settings for pilot-agent's metrics merge (`ISTIO_PROMETHEUS_ANNOTATIONS`,
+/// the JSON Istio's webhook writes), checked as Istio checks them: each port 1-65535, neither
+/// the agent's `target` nor one the proxy owns. `None` when the pod sets none.
+fn prometheus_scrape_config(a: &Map<String, Value>, target: &str) -> Result<Option<String>> {
+    let first = |name| prometheus_annotations(a, name).next();
+    let mut port = first("prometheus_io_port");
+    let mut path = first("prometheus_io_path").map(|(_, v)| v);
+    let scrape = first("prometheus_io_scrape").map(|(_, v)| v);
+    let mut targets = Vec::new();
+    if let Some((key, raw)) = first("prometheus_istio_io_scrape_targets") {
+        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (p, rest) = entry.split_once(':').unwrap_or((entry, ""));
+            let (p, rest) = (p.trim(), rest.trim());
+            if p.is_empty() {
+                return Err(invalid(
+                    key,
+                    raw,
+                    format!("empty port in scrape target {entry:?}"),
+                ));
+            }
+            targets.push((key, raw, p, if rest.is_empty() { "/metrics" } else { rest }));
+        }
+    }
+    // `raw`: the annotation's whole value, quoted in the error.
+    let check = |key: &str, raw: &str, p: &str| -> Result<()> {
+        let n = match p.parse::<u16>() {
+            Ok(n) if n != 0 => n,
+            _ => return Err(invalid(key, raw, format!("{p:?} is not a port 1-65535"))),
+        };
+        if n.to_string() == target {
+            return Err(invalid(key, raw, format!("port {n} is the agent's own")));
+        }
+        if let Some((_, why)) = RESERVED_PORTS.iter().find(|(r, _)| *r == n) {
+            return Err(invalid(
+                key,
+                raw,
+                format!("port {n} is reserved for Istio ({why}) and cannot be scraped"),
+            ));
+        }
+        Ok(())
+    };
+    if let Some((key, _, p, first_path)) = targets.first().copied() {
+        // Old agents read only port and path: the first target's.
+        port = Some((key, p));
+        path = Some(first_path);
+        for (key, raw, p, _) in &targets {
+            check(key, raw, p)?;
+        }
+    } else if let Some((key, p)) = port {
+        check(key, p, p)?;
+    }
+    if scrape.is_none() && port.is_none() && path.is_none() {
+        return Ok(None);
+    }
+    // Istio's field order (pilot-agent's PrometheusScrapeConfiguration).
+    let q = |v: &str| Value::from(v).to_string();
+    let mut cfg = format!(
+        "{{\"scrape\":{},\"path\":{},\"port\":{}",
+        q(scrape.unwrap_or("")),
+        q(path.unwrap_or("")),
+        q(port.map_or("", |(_, p)| p))
+    );
+    if !targets.is_empty() {
+        let list: Vec<String> = targets
+            .iter()
+            .map(|(_, _, port, path)| format!("{{\"port\":{},\"path\":{}}}", q(port), q(path)))
+            .collect();
+        cfg.push_str(&format!(",\"targets\":[{}]", list.join(",")));
+    }
+    cfg.push('}');
+    Ok(Some(cfg))
 }
 
 fn invalid(key: &str, value: &str, reason: impl Into<String>) -> Error {
@@ -794,11 +921,14 @@ fn named_raws(list: &[Value]) -> Vec<(String, Raw)> {
 }
 
 /// The proxy's args; `levels`: the pod's log, component log and agent log level annotations.
-fn proxy_args(s: &Resolved, levels: [Option<&str>; 3]) -> Value {
+fn proxy_args(s: &Resolved, levels: [Option<&str>; 3], template: Template) -> Value {
     let [log, component, agent] = levels;
     let mut args = vec![
         json!("proxy"),
-        json!("sidecar"),
+        json!(match template {
+            Template::Sidecar => "sidecar",
+            Template::Gateway => "router",
+        }),
         json!("--domain"),
         json!(format!("$(POD_NAMESPACE).svc.{}", s.cluster_domain)),
         json!(format!("--proxyLogLevel={}", log.unwrap_or(&s.log_level))),
@@ -817,7 +947,7 @@ fn proxy_args(s: &Resolved, levels: [Option<&str>; 3]) -> Value {
     if s.log_as_json {
         args.push(json!("--log_as_json"));
     }
-    if !s.outlier_log_path.is_empty() {
+    if !s.outlier_log_path.is_empty() && template == Template::Sidecar {
         args.push(json!(format!("--outlierLogPath={}", s.outlier_log_path)));
     }
     Value::Array(args)
@@ -861,7 +991,7 @@ impl Prebuilt {
     pub fn new(s: &Resolved, o: &Overrides) -> Self {
         let mut env_head = Vec::new();
         if s.inbound_localhost {
-            env_head.push(env("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "true"));
+            env_head.push(env(LEGACY_LOCALHOST, "true"));
         }
         env_head.push(env("PILOT_CERT_PROVIDER", &s.pilot_cert_provider));
         env_head.push(env("CA_ADDR", &s.ca_address));
@@ -948,7 +1078,7 @@ impl Prebuilt {
             gomemlimit_env: Raw::new(&env_resource("GOMEMLIMIT", "limits.memory")),
             node_name_env: Raw::new(&env_field("ISTIO_META_NODE_NAME", "spec.nodeName")),
             security_context: [false, true].map(|own| Raw::new(&security_context(s, o, own))),
-            args: Raw::new(&proxy_args(s, [None; 3])),
+            args: Raw::new(&proxy_args(s, [None; 3], Template::Sidecar)),
             readiness_probe: Raw::new(&readiness_probe(s, [None; 3])),
             ports: Raw::new(
                 &json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
@@ -969,8 +1099,42 @@ impl Prebuilt {
     }
 }
 
-/// Render Istio's sidecar for `pod` (a Pod object as the API server sends it, or a pod
-/// template with its metadata). Checks every annotation the template reads before using it.
+/// Which of Istio's injection templates a pod gets (`inject.istio.io/templates`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Template {
+    /// `sidecar`, the default: the proxy beside the app, its traffic redirected.
+    Sidecar,
+    /// `gateway`: the pod *is* the proxy (`proxy router`, Istio's gateway charts); nothing is
+    /// redirected and podwire-cni leaves it alone.
+    Gateway,
+}
+
+impl Template {
+    /// The pod's choice; any template podwire does not render is refused, as Istio refuses
+    /// one it does not have (a gateway given a sidecar would capture its own traffic).
+    fn of(a: &Map<String, Value>) -> Result<Template> {
+        let Some(t) = ann(a, TEMPLATES) else {
+            return Ok(Template::Sidecar);
+        };
+        let names: Vec<&str> = t.split(',').map(str::trim).collect();
+        if names.iter().all(|n| *n == "sidecar") {
+            Ok(Template::Sidecar)
+        } else if names.iter().all(|n| *n == "gateway") {
+            Ok(Template::Gateway)
+        } else {
+            Err(invalid(
+                TEMPLATES,
+                t,
+                "podwire renders Istio's `sidecar` and `gateway` templates only (a \
+                 proxyless-gRPC or custom template needs Istio's own injector)",
+            ))
+        }
+    }
+}
+
+/// Render Istio's sidecar (or gateway) for `pod` (a Pod object as the API server sends it, or
+/// a pod template with its metadata). Checks every annotation the template reads before
+/// using it.
 pub fn render(
     pod: &Value,
     workload: &Workload,
@@ -1031,6 +1195,8 @@ pub fn render(
     let native_ann = check_bool(a, "sidecar.istio.io/nativeSidecar")?;
     let rewrite_ann = check_bool(a, "sidecar.istio.io/rewriteAppHTTPProbers")?;
     let merge_ann = check_bool(a, "prometheus.istio.io/merge-metrics")?;
+    let template = Template::of(a)?;
+    let gateway = template == Template::Gateway;
     for (k, why) in REFUSED_ANNOTATIONS {
         if a.contains_key(k) {
             warnings.push(format!("annotation {k} is ignored: {why}"));
@@ -1077,11 +1243,13 @@ pub fn render(
         .get("holdApplicationUntilProxyStarts")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let native = match native_ann {
-        Some(n) => n,
-        None => s.native != NativeMode::Disabled,
-    };
-    let hold = (hold_pc || s.hold_values) && !native;
+    // The gateway template always puts the proxy in `containers`.
+    let native = !gateway
+        && match native_ann {
+            Some(n) => n,
+            None => s.native != NativeMode::Disabled,
+        };
+    let hold = (hold_pc || s.hold_values) && !native && !gateway;
     let status_port = status_port_ann
         .map(|p| p.to_string())
         .unwrap_or_else(|| s.status_port.clone());
@@ -1153,10 +1321,10 @@ pub fn render(
         ann(a, "sidecar.istio.io/componentLogLevel"),
         ann(a, "sidecar.istio.io/agentLogLevel"),
     ];
-    let args = if levels.iter().all(Option::is_none) {
+    let args = if levels.iter().all(Option::is_none) && !gateway {
         Json::Raw(pre.args.clone())
     } else {
-        Json::Value(proxy_args(s, levels))
+        Json::Value(proxy_args(s, levels, template))
     };
 
     // Env, in the template's order.
@@ -1164,7 +1332,14 @@ pub fn render(
         .map(str::to_string)
         .unwrap_or_else(|| s.network.clone());
     let mut envs: Vec<Json> = Vec::with_capacity(pre.env_head.len() + 16);
-    envs.extend(pre.env_head.iter().cloned().map(Json::Raw));
+    envs.extend(
+        pre.env_head
+            .iter()
+            // Probe rewriting is the sidecar's; the gateway template has no such variable.
+            .filter(|e| !(gateway && name_of(e.value()) == LEGACY_LOCALHOST))
+            .cloned()
+            .map(Json::Raw),
+    );
     envs.push(if pod_pc {
         Json::Value(env(
             "PROXY_CONFIG",
@@ -1194,8 +1369,14 @@ pub fn render(
     }
     ports_text.push_str("\n]");
     envs.push(env("ISTIO_META_POD_PORTS", ports_text).into());
+    // The two templates order these two differently.
+    if gateway {
+        envs.push(Json::Raw(pre.gomemlimit_env.clone()));
+    }
     envs.push(env("ISTIO_META_APP_CONTAINERS", app_names.join(",")).into());
-    envs.push(Json::Raw(pre.gomemlimit_env.clone()));
+    if !gateway {
+        envs.push(Json::Raw(pre.gomemlimit_env.clone()));
+    }
     if s.cluster_name.is_empty() {
         envs.push(env("ISTIO_META_CLUSTER_ID", "Kubernetes").into());
     }
@@ -1286,7 +1467,7 @@ pub fn render(
     if let Some(p) = &s.image_pull_policy {
         c.insert("imagePullPolicy".into(), json!(p).into());
     }
-    if status_port != "0" {
+    if status_port != "0" || gateway {
         let timing = [ready_delay, ready_period, ready_failure];
         let ready = if timing.iter().all(Option::is_none) {
             Json::Raw(pre.readiness_probe.clone())
@@ -1294,17 +1475,34 @@ pub fn render(
             Json::Value(readiness_probe(s, timing))
         };
         c.insert("readinessProbe".into(), ready);
-        if let Some(p) = &pre.startup_probe {
+        if let Some(p) = pre.startup_probe.as_ref().filter(|_| !gateway) {
             c.insert("startupProbe".into(), Json::Raw(p.clone()));
         }
     }
     let pod_seccomp = member_at(pod, &["spec", "securityContext", "seccompProfile"]).is_some();
-    c.insert(
-        "securityContext".into(),
-        Json::Raw(pre.security_context[usize::from(pod_seccomp)].clone()),
-    );
-    c.insert("resources".into(), proxy_resources(a, s)?.into());
-    let mut mounts: Vec<Json> = pre.mounts_head.iter().cloned().map(Json::Raw).collect();
+    if gateway {
+        // The gateway template sets the owner only, and no resources: the gateway's chart
+        // sets both on the Deployment's own istio-proxy container.
+        c.insert(
+            "securityContext".into(),
+            json!({"runAsUser": o.uid, "runAsGroup": o.gid}).into(),
+        );
+    } else {
+        c.insert(
+            "securityContext".into(),
+            Json::Raw(pre.security_context[usize::from(pod_seccomp)].clone()),
+        );
+        c.insert("resources".into(), proxy_resources(a, s)?.into());
+    }
+    // The gateway template has no CRL volume.
+    let sidecar_only = |r: &&Raw| !(gateway && name_of(r.value()) == "istio-ca-crl");
+    let mut mounts: Vec<Json> = pre
+        .mounts_head
+        .iter()
+        .filter(sidecar_only)
+        .cloned()
+        .map(Json::Raw)
+        .collect();
     if bootstrap.is_some() {
         mounts.push(
             json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"})
@@ -1328,7 +1526,7 @@ pub fn render(
             json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}).into(),
         ));
     }
-    volumes.extend(shared(&pre.volumes_tail));
+    volumes.extend(shared(&pre.volumes_tail).filter(|(n, _)| !(gateway && n == "istio-ca-crl")));
     if s.mount_mtls_certs {
         let sa = spec
             .get("serviceAccountName")
@@ -1370,12 +1568,8 @@ pub fn render(
 
     // Post-processing as Istio's webhook: Prometheus merge, probe rewrite.
     let mut annotations = a.clone();
-    let scrape = ann(a, "prometheus.io/scrape")
-        .and_then(|v| match v {
-            "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-            "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-            _ => None,
-        })
+    let scrape = prometheus_annotations(a, "prometheus_io_scrape")
+        .find_map(|(_, v)| parse_bool(v))
         .unwrap_or(true);
     let mesh_status_port = pc
         .get("statusPort")
@@ -1383,33 +1577,22 @@ pub fn render(
         .unwrap_or(15020);
     if scrape && merge_ann.unwrap_or(s.prometheus_merge) {
         let target = mesh_status_port.to_string();
-        if ann(a, "prometheus.io/port") != Some(target.as_str()) {
-            let mut cfg = Map::new();
-            for (k, field) in [
-                ("prometheus.io/scrape", "scrape"),
-                ("prometheus.io/path", "path"),
-                ("prometheus.io/port", "port"),
-            ] {
-                if let Some(v) = ann(a, k) {
-                    cfg.insert(field.into(), json!(v));
-                }
+        let port = prometheus_annotations(a, "prometheus_io_port").next();
+        if port.map(|(_, v)| v) != Some(target.as_str()) {
+            let scrape_cfg = prometheus_scrape_config(a, &target)?;
+            if let Some(cfg) = scrape_cfg {
+                push_env(&mut proxy, env("ISTIO_PROMETHEUS_ANNOTATIONS", cfg));
             }
-            if let Some(p) = ann(a, "prometheus.io/port") {
-                match p.parse::<u16>() {
-                    Ok(n) if n != 0 && n.to_string() != target => {}
-                    _ => {
-                        return Err(invalid(
-                            "prometheus.io/port",
-                            p,
-                            format!("expected a port 1-65535 other than the agent's {target}"),
-                        ))
-                    }
-                }
-            }
-            if !cfg.is_empty() {
-                let text = Value::Object(cfg).to_string();
-                push_env(&mut proxy, env("ISTIO_PROMETHEUS_ANNOTATIONS", text));
-            }
+            // Every spelling Prometheus reads alike goes, so only podwire's remain.
+            annotations.retain(|k, _| {
+                !matches!(
+                    sanitise_label_name(k).as_str(),
+                    "prometheus_io_scrape"
+                        | "prometheus_io_port"
+                        | "prometheus_io_path"
+                        | "prometheus_istio_io_scrape_targets"
+                )
+            });
             annotations.insert("prometheus.io/port".into(), json!(target));
             annotations.insert("prometheus.io/path".into(), json!("/stats/prometheus"));
             annotations.insert("prometheus.io/scrape".into(), json!("true"));
@@ -1432,7 +1615,7 @@ pub fn render(
     // Containers in Istio's order.
     let mut inits: Vec<Json> = inits.into_iter().map(Json::Value).collect();
     let mut app: Vec<Json> = app.into_iter().map(Json::Value).collect();
-    let hold_order = hold_pc || s.hold_values;
+    let hold_order = (hold_pc || s.hold_values) && !gateway;
     if native {
         inits.insert(0, proxy);
     } else if hold_order {
@@ -1443,11 +1626,13 @@ pub fn render(
 
     // Labels.
     let mut new_labels = labels.clone();
-    new_labels.insert(
-        "security.istio.io/tlsMode".into(),
-        json!(label("security.istio.io/tlsMode").unwrap_or("istio")),
-    );
-    if metadata.get("ISTIO_META_ENABLE_HBONE").map(String::as_str) == Some("true") {
+    if !gateway {
+        new_labels.insert(
+            "security.istio.io/tlsMode".into(),
+            json!(label("security.istio.io/tlsMode").unwrap_or("istio")),
+        );
+    }
+    if metadata.get("ISTIO_META_ENABLE_HBONE").map(String::as_str) == Some("true") && !gateway {
         new_labels.insert(
             "networking.istio.io/tunnel".into(),
             json!(label("networking.istio.io/tunnel").unwrap_or("http")),
@@ -1459,7 +1644,12 @@ pub fn render(
         .unwrap_or(&workload.name);
     new_labels.insert(
         "service.istio.io/canonical-name".into(),
-        json!(trim_canonical(canonical)),
+        // The gateway template does not trim it.
+        json!(if gateway {
+            canonical.to_string()
+        } else {
+            trim_canonical(canonical)
+        }),
     );
     new_labels.insert(
         "service.istio.io/canonical-revision".into(),
@@ -1490,60 +1680,63 @@ pub fn render(
         }
     }
     // What the CNI plugin reads (Istio's istio-cni annotations; podwire-cni is the CNI).
-    let a_or = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
-    annotations.insert(
-        "sidecar.istio.io/interceptionMode".into(),
-        json!(interception),
-    );
-    let inc_ranges = a_or(
-        "traffic.sidecar.istio.io/includeOutboundIPRanges",
-        &s.include_ip_ranges,
-    );
-    if !inc_ranges.is_empty() {
+    // A gateway is not redirected: the gateway template writes none.
+    if !gateway {
+        let a_or = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
         annotations.insert(
-            "traffic.sidecar.istio.io/includeOutboundIPRanges".into(),
-            json!(inc_ranges),
+            "sidecar.istio.io/interceptionMode".into(),
+            json!(interception),
         );
-    }
-    let exc_ranges = a_or(
-        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-        &s.exclude_ip_ranges,
-    );
-    if !exc_ranges.is_empty() {
+        let inc_ranges = a_or(
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            &s.include_ip_ranges,
+        );
+        if !inc_ranges.is_empty() {
+            annotations.insert(
+                "traffic.sidecar.istio.io/includeOutboundIPRanges".into(),
+                json!(inc_ranges),
+            );
+        }
+        let exc_ranges = a_or(
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            &s.exclude_ip_ranges,
+        );
+        if !exc_ranges.is_empty() {
+            annotations.insert(
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges".into(),
+                json!(exc_ranges),
+            );
+        }
         annotations.insert(
-            "traffic.sidecar.istio.io/excludeOutboundIPRanges".into(),
-            json!(exc_ranges),
+            "traffic.sidecar.istio.io/includeInboundPorts".into(),
+            json!(a_or(
+                "traffic.sidecar.istio.io/includeInboundPorts",
+                &s.include_inbound_ports
+            )),
         );
-    }
-    annotations.insert(
-        "traffic.sidecar.istio.io/includeInboundPorts".into(),
-        json!(a_or(
-            "traffic.sidecar.istio.io/includeInboundPorts",
-            &s.include_inbound_ports
-        )),
-    );
-    annotations.insert(
-        "traffic.sidecar.istio.io/excludeInboundPorts".into(),
-        json!(exclude_inbound_port(
-            &status_port,
-            &a_or(
-                "traffic.sidecar.istio.io/excludeInboundPorts",
-                &s.exclude_inbound_ports
-            )
-        )),
-    );
-    for (k, d) in [
-        (
-            "traffic.sidecar.istio.io/includeOutboundPorts",
-            &s.include_outbound_ports,
-        ),
-        (
-            "traffic.sidecar.istio.io/excludeOutboundPorts",
-            &s.exclude_outbound_ports,
-        ),
-    ] {
-        if a.contains_key(k) || !d.is_empty() {
-            annotations.insert(k.into(), json!(a_or(k, d)));
+        annotations.insert(
+            "traffic.sidecar.istio.io/excludeInboundPorts".into(),
+            json!(exclude_inbound_port(
+                &status_port,
+                &a_or(
+                    "traffic.sidecar.istio.io/excludeInboundPorts",
+                    &s.exclude_inbound_ports
+                )
+            )),
+        );
+        for (k, d) in [
+            (
+                "traffic.sidecar.istio.io/includeOutboundPorts",
+                &s.include_outbound_ports,
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+                &s.exclude_outbound_ports,
+            ),
+        ] {
+            if a.contains_key(k) || !d.is_empty() {
+                annotations.insert(k.into(), json!(a_or(k, d)));
+            }
         }
     }
     let proxy_list = [o.name.as_str()];
@@ -1593,6 +1786,15 @@ pub fn render(
     }
 
     let mut spec_fields = vec![("containers", Json::Array(app))];
+    if gateway {
+        // The gateway template's pod securityContext, merged over the pod's own.
+        let mut sc = spec.get("securityContext").cloned().unwrap_or(json!({}));
+        let theirs = s.gateway_security_context.clone().unwrap_or_else(
+            || json!({"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]}),
+        );
+        merge_over(&mut sc, &theirs);
+        spec_fields.push(("securityContext", Json::Value(sc)));
+    }
     if !inits.is_empty() || spec.get("initContainers").is_some() {
         spec_fields.push(("initContainers", Json::Array(inits)));
     }

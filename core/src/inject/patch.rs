@@ -380,7 +380,8 @@ fn config_overlay(cfg: &InjectorConfig) -> Option<Value> {
 }
 
 /// `add` operations turning `old` into the rendered pod: labels and annotations key by key
-/// (whole when the pod has none), the rewritten spec lists whole.
+/// (whole when the pod has none or the render dropped one of its keys), the rewritten spec
+/// lists whole.
 fn diff_ops(old: &Value, r: Rendered) -> Vec<PatchOp> {
     // The rendered values move into the operations: nothing is copied twice.
     let Rendered {
@@ -398,6 +399,11 @@ fn diff_ops(old: &Value, r: Rendered) -> Vec<PatchOp> {
         Some(meta) => {
             for (k, new) in [("labels", labels), ("annotations", annotations)] {
                 match meta.get(k).and_then(Value::as_object) {
+                    // A key the render dropped (the Prometheus merge clears the pod's other
+                    // spellings): the map is replaced whole, still only adds.
+                    Some(m) if m.keys().any(|ik| !new.contains_key(ik)) => {
+                        ops.push(PatchOp::add(format!("/metadata/{k}"), Value::Object(new)))
+                    }
                     None => ops.push(PatchOp::add(format!("/metadata/{k}"), Value::Object(new))),
                     Some(m) => {
                         for (ik, iv) in new {
