@@ -1,28 +1,34 @@
 //! Golden comparisons against Istio's own injection fixtures (pkg/kube/inject/testdata/inject
 //! at the commit named in testdata/istio/NOTICE): each input goes through podwire's injection
 //! with the values and mesh config Istio's TestInjection uses for it, and the result must equal
-//! Istio's output after this normaliser, applied to both sides where it says so:
+//! Istio's output after this normaliser, applied to both sides where it says so. A case Istio
+//! leaves alone (hostNetwork, `inject: "false"`) must be left alone; a `refused:` case (a
+//! template podwire does not render, a bad traffic annotation Istio refuses too) must be
+//! refused naming the annotation; and every injected pod must be what podwire-cni redirects
+//! (a sidecar in REDIRECT mode) or leaves alone (a gateway, another mode).
 //!
 //! 1. Istio's `istio-init` / `istio-validation` init containers are dropped from the expected
 //!    pod, from the `initContainers` list of its `sidecar.istio.io/status` and from its
 //!    `proxy.istio.io/overrides` (podwire adds no init container: podwire-cni programs the
 //!    redirection; a pod's own customisation of them is dropped with a warning).
-//! 2. Against a fixture rendered without istio-cni (`*.injected`, no
-//!    `sidecar.istio.io/interceptionMode` annotation) the annotations podwire-cni reads
-//!    (`sidecar.istio.io/interceptionMode`, `traffic.sidecar.istio.io/*`) are dropped from
-//!    podwire's pod: Istio writes them only for its CNI, and podwire is always the CNI.
+//! 2. Against a fixture rendered without istio-cni (the case's values leave
+//!    `pilot.cni.enabled` off) the annotations podwire-cni reads
+//!    (`sidecar.istio.io/interceptionMode`, `traffic.sidecar.istio.io/*`) are dropped from both
+//!    pods: Istio writes them only for its CNI (otherwise it passes the pod's own through and
+//!    gives their values to istio-init), and podwire always writes them as for its CNI.
 //! 3. The proxy's `seccompProfile: RuntimeDefault`, which podwire adds so a restricted pod stays
 //!    restricted, is dropped from podwire's pod when Istio's has none.
 //! 4. Encoding only: a volume with no source is `emptyDir: {}` (the API server's default);
 //!    quantities compare by value (`2000m` = `2`); JSON carried in strings (`PROXY_CONFIG`,
 //!    `ISTIO_KUBE_APP_PROBERS`, `ISTIO_PROMETHEUS_ANNOTATIONS`, the status and overrides
 //!    annotations) compares as JSON; `resources: {}` and `creationTimestamp: null`, which Go
-//!    writes for empty fields, are dropped.
+//!    writes for empty fields, are dropped, and an env var's `value: ""`, which Go leaves out,
+//!    is absent.
 
 use podwire_core::inject::json::Json;
 use podwire_core::inject::quantity::Quantity;
 use podwire_core::inject::{apply_patch, plan_in, InjectorConfig, PatchOp, Workload};
-use podwire_core::MeshProfile;
+use podwire_core::{mesh_decision, MeshProfile, PodInfo};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -36,6 +42,11 @@ fn yaml(path: &Path) -> Vec<Value> {
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path:?}: {e}")))
         .filter(|v| !v.is_null())
+        .flat_map(|v| match v["kind"].as_str() {
+            // kube-inject injects each item of a List.
+            Some("List") => v["items"].as_array().cloned().unwrap_or_default(),
+            _ => vec![v],
+        })
         .collect()
 }
 
@@ -43,18 +54,29 @@ fn yaml(path: &Path) -> Vec<Value> {
 struct Case {
     #[serde(rename = "in")]
     input: String,
+    /// Absent for a case Istio refuses too (only `refused` is checked).
+    #[serde(default)]
     want: String,
     #[serde(default)]
     values: Value,
     #[serde(default)]
     mesh: Value,
+    /// podwire refuses this pod (a template it does not render): the error must name this.
+    #[serde(default)]
+    refused: Option<String>,
 }
 
 fn merge(base: &mut Value, over: &Value) {
     match (base, over) {
         (Value::Object(b), Value::Object(o)) => {
             for (k, v) in o {
-                merge(b.entry(k.clone()).or_insert(Value::Null), v);
+                // A null member is kept as null (Istio's values: `cpu: null` drops the key).
+                match v {
+                    Value::Null => {
+                        b.insert(k.clone(), Value::Null);
+                    }
+                    v => merge(b.entry(k.clone()).or_insert(Value::Null), v),
+                }
             }
         }
         (_, Value::Null) => {}
@@ -82,6 +104,11 @@ fn template(doc: &Value) -> (Value, Workload, Vec<&'static str>) {
         t = t[*p].clone();
     }
     (t, w, path)
+}
+
+/// A bare Pod names its workload through its owner reference, as the webhook reads it.
+fn pod_owner(w: &Workload) -> Option<&Workload> {
+    (w.kind != "Pod").then_some(w)
 }
 
 fn is_cni_annotation(k: &str) -> bool {
@@ -135,6 +162,9 @@ fn normalise(pod: &mut Value, expected: bool, cni: bool, istio_seccomp: bool) {
                     }
                     if let Some(Value::Array(env)) = c.get_mut("env") {
                         for e in env {
+                            if e.get("value") == Some(&json!("")) {
+                                e.as_object_mut().map(|m| m.remove("value"));
+                            }
                             let n = e["name"].as_str().unwrap_or("");
                             if [
                                 "PROXY_CONFIG",
@@ -167,7 +197,7 @@ fn normalise(pod: &mut Value, expected: bool, cni: bool, istio_seccomp: bool) {
         m.remove("creationTimestamp");
     }
     if let Some(Value::Object(a)) = meta.get_mut("annotations") {
-        if !expected && !cni {
+        if !cni {
             a.retain(|k, _| !is_cni_annotation(k));
         }
         for k in ["sidecar.istio.io/status", "proxy.istio.io/overrides"] {
@@ -237,7 +267,7 @@ fn istio_fixtures_match_after_the_documented_normaliser() {
         serde_json::from_value(yaml(&d.join("cases.yaml")).remove(0)).expect("cases");
     assert!(cases.len() >= 15, "at least 15 fixtures");
     let profile = MeshProfile::istio();
-    let (mut native, mut classic, mut failures) = (0, 0, Vec::new());
+    let (mut native, mut classic, mut refused, mut failures) = (0, 0, 0, Vec::new());
     for case in &cases {
         let mut values = base_values.clone();
         merge(&mut values, &case.values);
@@ -249,21 +279,62 @@ fn istio_fixtures_match_after_the_documented_normaliser() {
             ..Default::default()
         };
         let inputs = yaml(&d.join("inject").join(&case.input));
-        let wants = yaml(&d.join("inject").join(&case.want));
+        let wants = if case.want.is_empty() {
+            inputs.clone()
+        } else {
+            yaml(&d.join("inject").join(&case.want))
+        };
         assert_eq!(inputs.len(), wants.len(), "{}", case.want);
+        let cni = case.values.pointer("/pilot/cni/enabled") == Some(&json!(true));
         for (i, (input, want)) in inputs.iter().zip(&wants).enumerate() {
             let (mut pod, workload, _) = template(input);
             let (mut expected, _, _) = template(want);
-            let plan = plan_in(&pod, Some(&workload), None, None, &cfg, &profile)
-                .unwrap_or_else(|e| panic!("{}: {e}", case.want));
-            assert!(
-                plan.decision.inject,
-                "{}: {}",
-                case.want, plan.decision.reason
-            );
-            let ops = plan
-                .patch
-                .unwrap_or_else(|e| panic!("{}: refused: {e}", case.want));
+            if pod.is_null() {
+                // A document with no pod template (a Service in a List) passes through.
+                assert_eq!(input, want, "{}: document {i}", case.want);
+                continue;
+            }
+            let plan = match plan_in(&pod, pod_owner(&workload), None, None, &cfg, &profile) {
+                Ok(p) => p,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", case.want));
+                    continue;
+                }
+            };
+            if !plan.decision.inject {
+                // Istio left it alone too: equal after the encoding part of the normaliser.
+                let mut out = Vec::new();
+                normalise(&mut pod, true, true, true);
+                normalise(&mut expected, true, true, true);
+                diff(&pod, &expected, "", &mut out);
+                if !out.is_empty() {
+                    failures.push(format!(
+                        "{}: not injected ({}), Istio injected:\n  {}",
+                        case.want,
+                        plan.decision.reason,
+                        out.join("\n  ")
+                    ));
+                }
+                continue;
+            }
+            let ops = match (plan.patch, &case.refused) {
+                (Err(e), Some(want)) if e.to_string().contains(want.as_str()) => {
+                    refused += 1;
+                    continue;
+                }
+                (Ok(_), Some(want)) => {
+                    failures.push(format!(
+                        "{}: injected, expected a refusal naming {want}",
+                        case.want
+                    ));
+                    continue;
+                }
+                (Ok(o), None) => o,
+                (Err(e), _) => {
+                    failures.push(format!("{}: refused: {e}", case.want));
+                    continue;
+                }
+            };
             // The shared, pre-serialized parts write exactly what plain Values would.
             let plain: Vec<PatchOp> = ops
                 .iter()
@@ -279,18 +350,30 @@ fn istio_fixtures_match_after_the_documented_normaliser() {
                 case.want
             );
             apply_patch(&mut pod, &ops).unwrap_or_else(|e| panic!("{}: {e}", case.want));
-            let cni = expected
-                .pointer("/metadata/annotations/sidecar.istio.io~1interceptionMode")
-                .is_some();
+            // podwire-cni's view of the pod as injected: a sidecar in REDIRECT mode is
+            // redirected, a gateway (Istio's `proxy router`) or another mode is not.
+            let info: PodInfo = serde_json::from_value(pod.clone()).expect("pod info");
+            let redirect = mesh_decision(&info, &profile, &[]);
+            let mode = info.annotation("sidecar.istio.io/interceptionMode");
+            let gateway = info.annotation("inject.istio.io/templates") == Some("gateway");
+            assert_eq!(
+                redirect.is_redirect(),
+                !gateway && matches!(mode, None | Some("REDIRECT")),
+                "{}: {redirect:?}",
+                case.want
+            );
             let proxy_in = |p: &Value, list: &str| {
                 p["spec"][list]
                     .as_array()
                     .and_then(|l| l.iter().find(|c| c["name"] == "istio-proxy"))
                     .cloned()
             };
-            let istio_proxy = proxy_in(&expected, "initContainers")
-                .or_else(|| proxy_in(&expected, "containers"))
-                .expect("istio's proxy");
+            let Some(istio_proxy) =
+                proxy_in(&expected, "initContainers").or_else(|| proxy_in(&expected, "containers"))
+            else {
+                failures.push(format!("{}: injected, Istio did not", case.want));
+                continue;
+            };
             let istio_seccomp = istio_proxy
                 .pointer("/securityContext/seccompProfile")
                 .is_some();
@@ -320,4 +403,6 @@ fn istio_fixtures_match_after_the_documented_normaliser() {
         "both layouts: {native} native, {classic} classic"
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    let expected_refusals = cases.iter().filter(|c| c.refused.is_some()).count();
+    assert_eq!(refused, expected_refusals, "every refusal case was refused");
 }

@@ -1778,10 +1778,15 @@ pub fn render(
         .map(|(_, v)| v)
         .chain(own_volumes)
         .collect();
-    let mut secrets = containers(spec, "imagePullSecrets");
-    for n in &s.image_pull_secrets {
-        if !secrets.iter().any(|x| name_of(x) == n) {
-            secrets.push(json!({ "name": n }));
+    // The values' secrets first, then the pod's own others (Istio's merge order).
+    let mut secrets: Vec<Value> = s
+        .image_pull_secrets
+        .iter()
+        .map(|n| json!({ "name": n }))
+        .collect();
+    for own in containers(spec, "imagePullSecrets") {
+        if !secrets.iter().any(|x| name_of(x) == name_of(&own)) {
+            secrets.push(own);
         }
     }
 
