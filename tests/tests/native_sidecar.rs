@@ -175,3 +175,71 @@ fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
         }
     }
 }
+
+/// What istio-cni leaves alone, podwire-cni leaves alone, in a real netns with real traffic:
+/// a gateway podwire injected with Istio's `gateway` template (its proxy *is* the pod's
+/// server: redirecting it would loop its traffic into itself), a pod Istio's own injector
+/// gave `istio-init` (that container programs the rules; a second set would make it fail),
+/// and a proxyless pod (`DISABLE_ENVOY=true`: nothing listens on 15001/15006).
+#[test]
+fn gateways_proxyless_and_istio_init_pods_are_left_alone() {
+    if !require_root() {
+        return;
+    }
+    let mut gateway = pod_manifest("shop", "gateway", false, &[]);
+    gateway["metadata"]["annotations"]["inject.istio.io/templates"] = json!("gateway");
+    gateway["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "true"});
+    gateway["spec"]["containers"] = json!([{"name": "istio-proxy", "image": "auto"}]);
+    let p = plan(
+        &gateway,
+        None,
+        None,
+        &InjectorConfig::default(),
+        &MeshProfile::istio(),
+    )
+    .expect("readable pod");
+    assert!(p.decision.inject, "{}", p.decision.reason);
+    apply_patch(&mut gateway, &p.patch.expect("accepted")).expect("the patch applies");
+    let proxy = &gateway["spec"]["containers"][0];
+    assert_eq!(proxy["args"][1], json!("router"), "{gateway}");
+    assert!(gateway["metadata"]["annotations"]
+        .get("sidecar.istio.io/status")
+        .is_some());
+
+    let mut istio_init = pod_manifest("shop", "istio-init", true, &[]);
+    istio_init["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "proxyv2"}]);
+    let mut proxyless = pod_manifest("shop", "proxyless", true, &[]);
+    proxyless["spec"]["containers"][1]["env"] = json!([{"name": "DISABLE_ENVOY", "value": "true"}]);
+
+    // At info, the plugin logs each pass-through and why.
+    let lab = Lab::new(false, json!({"logLevel": "info"})).expect("lab");
+    lab.publish("alone.yaml", &[gateway, istio_init, proxyless])
+        .expect("publish");
+    for (name, why) in [
+        ("gateway", "runs as `proxy router`"),
+        ("istio-init", "istio-init init container"),
+        ("proxyless", "DISABLE_ENVOY=true"),
+    ] {
+        let pod = lab.start_pod("shop", name).expect(name);
+        let node = format!("{NODE_V4}:{APP_PORT}");
+        let seen = connect(&pod.netns, &node).expect("outbound");
+        assert_eq!(
+            (seen.label.as_str(), seen.orig.as_str()),
+            ("NODE", "-"),
+            "{name}: outbound goes straight to the node"
+        );
+        let seen = connect(&lab.node, &format!("{}:{APP_PORT}", pod.ip4)).expect("inbound");
+        assert_eq!(seen.label, "APP", "{name}: inbound reaches the pod itself");
+        let saved = pod.netns.nat_rules("iptables-save").expect("save");
+        assert!(!saved.contains("ISTIO_"), "{name}: {saved}");
+        let log = lab.plugin_log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("shop/{name}")) && l.contains(why)),
+            "{name}: the plugin's log says why: {log}"
+        );
+        for (plugin, out) in lab.run("DEL", &pod).expect("DEL") {
+            assert!(out.ok, "{name}: DEL failed in {plugin}: {out:?}");
+        }
+    }
+}
