@@ -6,6 +6,7 @@
 //! container redirects, a gateway (`proxy router`) and a proxyless pod (`DISABLE_ENVOY=true`).
 //! Anything else passes through untouched.
 
+use crate::pod::Container;
 use crate::{MeshProfile, PodInfo};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,28 @@ pub fn namespace_excluded(namespace: &str, excluded: &[String]) -> Option<String
         .then(|| format!("pass-through: namespace {namespace} is excluded (excludeNamespaces)"))
 }
 
+/// Why an injected pod with this proxy container is left alone, if it is: a proxy that is not
+/// a sidecar (a gateway) or a proxyless one. The webhook reads its merged sidecar the same way.
+pub fn proxy_left_alone(proxy: &Container, profile: &MeshProfile) -> Option<String> {
+    if let [cmd, kind, ..] = proxy.args.as_slice() {
+        if cmd == profile.proxy_command && kind != profile.sidecar_type {
+            return Some(format!(
+                "{} runs as `{cmd} {kind}` (a gateway receives its traffic directly; only \
+                 `{cmd} {}` is redirected)",
+                profile.proxy_container, profile.sidecar_type
+            ));
+        }
+    }
+    let v = proxy.env_value(profile.proxyless_env)?;
+    // Go's strconv.ParseBool, as the mesh's agent reads it.
+    matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True").then(|| {
+        format!(
+            "{}={v} on {} (proxyless: nothing listens on the capture ports)",
+            profile.proxyless_env, profile.proxy_container
+        )
+    })
+}
+
 pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) -> MeshDecision {
     let ns = pod.namespace();
     if let Some(reason) = namespace_excluded(ns, excluded) {
@@ -50,30 +73,21 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
             profile.proxy_container
         ));
     };
-    if pod.container(profile.init_container).is_some() {
+    // Istio only ever injects it as an init container; an app container of that name is an app.
+    if pod
+        .spec
+        .init_containers
+        .iter()
+        .any(|c| c.name == profile.init_container)
+    {
         return MeshDecision::PassThrough(format!(
             "pass-through: pod has the mesh's own {} init container, which programs its \
              redirection (injected without the mesh's CNI)",
             profile.init_container
         ));
     }
-    if let [cmd, kind, ..] = proxy.args.as_slice() {
-        if cmd == profile.proxy_command && kind != profile.sidecar_type {
-            return MeshDecision::PassThrough(format!(
-                "pass-through: {} runs as `{cmd} {kind}` (a gateway receives its traffic \
-                 directly; only `{cmd} {}` is redirected)",
-                profile.proxy_container, profile.sidecar_type
-            ));
-        }
-    }
-    if let Some(v) = proxy.env_value(profile.proxyless_env) {
-        // Go's strconv.ParseBool, as the mesh's agent reads it.
-        if matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True") {
-            return MeshDecision::PassThrough(format!(
-                "pass-through: {}={v} on {} (proxyless: nothing listens on the capture ports)",
-                profile.proxyless_env, profile.proxy_container
-            ));
-        }
+    if let Some(why) = proxy_left_alone(proxy, profile) {
+        return MeshDecision::PassThrough(format!("pass-through: {why}"));
     }
     if pod.annotation(profile.status_key).is_none() {
         return MeshDecision::PassThrough(format!(
@@ -103,7 +117,7 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pod::{Container, EnvVar};
+    use crate::pod::EnvVar;
 
     fn excluded() -> Vec<String> {
         DEFAULT_EXCLUDED_NAMESPACES
@@ -207,6 +221,20 @@ mod tests {
             1,
             "only DISABLE_ENVOY kept"
         );
+        assert!(mesh_decision(&pod, &MeshProfile::istio(), &excluded()).is_redirect());
+        // An app container named istio-init is an app (Istio's is an init container), and the
+        // last of a duplicated variable is the one the proxy sees.
+        let mut pod = mesh_pod();
+        pod.spec.containers.push(Container {
+            name: "istio-init".into(),
+            ..Container::default()
+        });
+        pod.spec.containers[1].env = ["true", "false"]
+            .map(|v| EnvVar {
+                name: "DISABLE_ENVOY".into(),
+                value: Some(v.into()),
+            })
+            .to_vec();
         assert!(mesh_decision(&pod, &MeshProfile::istio(), &excluded()).is_redirect());
     }
 

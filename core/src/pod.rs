@@ -108,11 +108,12 @@ fn is_false(b: &bool) -> bool {
 }
 
 impl Container {
-    /// The literal value of env variable `name` (one of [`READ_ENV`]).
+    /// The literal value of env variable `name` (one of [`READ_ENV`]); the last entry wins,
+    /// as in the container's environment.
     pub fn env_value(&self, name: &str) -> Option<&str> {
         self.env
             .iter()
-            .find(|e| e.name == name)
+            .rfind(|e| e.name == name)
             .and_then(|e| e.value.as_deref())
     }
 }
