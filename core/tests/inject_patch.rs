@@ -248,9 +248,9 @@ fn bad_annotations_are_refused_naming_key_and_value() {
         (
             "inject.istio.io/templates",
             "sidecar,gateway",
-            "`sidecar` and `gateway`",
+            "cannot be combined",
         ),
-        ("inject.istio.io/templates", "", "`sidecar` and `gateway`"),
+        ("inject.istio.io/templates", "", "a template name is empty"),
         (
             "prometheus.io/port",
             "15000",
@@ -429,5 +429,183 @@ fn the_pods_volumes_keep_the_first_of_each_name() {
     assert_eq!(
         envoy,
         [&json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}})]
+    );
+}
+
+/// The pod once patched, and the decision's warnings.
+fn injected(pod: &Value, cfg: &InjectorConfig) -> (Value, Vec<String>) {
+    let p = plan(pod, Some("shop"), None, cfg, &MeshProfile::istio()).expect("readable");
+    assert!(p.decision.inject, "{}", p.decision.reason);
+    let mut out = pod.clone();
+    apply_patch(&mut out, &p.patch.expect("accepted")).expect("applies");
+    (out, p.decision.warnings)
+}
+
+fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)
+}
+
+#[test]
+fn a_gateway_is_istios_gateway_template() {
+    // As Istio's gateway chart writes it: its own istio-proxy, with ports, beside an app.
+    let pod = json!({"metadata": {"name": "gw", "annotations": {
+            "inject.istio.io/templates": "gateway",
+            "sidecar.istio.io/proxyCPU": "2",
+            "sidecar.istio.io/userVolume": "{\"v\": {\"emptyDir\": {}}}"}},
+        "spec": {"containers": [
+            {"name": "app", "ports": [{"containerPort": 8080}]},
+            {"name": "istio-proxy", "image": "auto", "ports": [{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]}]}});
+    let cfg = InjectorConfig {
+        values: json!({"global": {"proxy": {"holdApplicationUntilProxyStarts": true}}}),
+        ..InjectorConfig::default()
+    };
+    let (out, warnings) = injected(&pod, &cfg);
+    let containers = out["spec"]["containers"].as_array().expect("containers");
+    // Istio's webhook moves the proxy first when the app is held, whatever the template.
+    assert_eq!(containers[0]["name"], "istio-proxy", "{out}");
+    let proxy = &containers[0];
+    assert_eq!(proxy["args"][1], "router");
+    // No resources from the template (the pod's own container's `{}`, as Istio writes it).
+    assert_eq!(proxy["resources"], json!({}), "{proxy}");
+    assert!(proxy.get("lifecycle").is_none(), "no hold hook: {proxy}");
+    assert_eq!(
+        proxy["securityContext"],
+        json!({"runAsUser": 1337, "runAsGroup": 1337})
+    );
+    // The pod's own proxy's ports count, as Istio's template loops over every container.
+    let ports = env_of(proxy, "ISTIO_META_POD_PORTS").expect("ports")["value"]
+        .as_str()
+        .expect("text");
+    assert!(ports.contains("8080") && ports.contains("15090"), "{ports}");
+    assert!(out["metadata"]["labels"]
+        .get("security.istio.io/tlsMode")
+        .is_none());
+    let a = &out["metadata"]["annotations"];
+    assert!(a.get("sidecar.istio.io/interceptionMode").is_none(), "{a}");
+    assert!(out["spec"]["initContainers"].is_null());
+    assert!(
+        !out["spec"]["volumes"].to_string().contains("\"v\""),
+        "no user volume"
+    );
+    assert_eq!(
+        out["spec"]["securityContext"]["sysctls"][0]["name"],
+        "net.ipv4.ip_unprivileged_port_start"
+    );
+    let w = warnings.join("\n");
+    assert!(w.contains("sidecar.istio.io/proxyCPU is ignored"), "{w}");
+    assert!(w.contains("sidecar.istio.io/userVolume is ignored"), "{w}");
+    assert!(!w.contains("podwire-cni will not redirect"), "{w}");
+}
+
+#[test]
+fn a_sidecar_the_plugin_would_leave_alone_is_said() {
+    let cfg = InjectorConfig::default();
+    for (pod, why) in [
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "app"},
+                {"name": "istio-proxy", "image": "auto", "args": ["proxy", "router"]}]}}),
+            "runs as `proxy router`",
+        ),
+        (
+            json!({"metadata": {"name": "x", "annotations": {
+                "proxy.istio.io/config": "proxyMetadata: {DISABLE_ENVOY: \"true\"}"}},
+                "spec": {"containers": [{"name": "app"}]}}),
+            "DISABLE_ENVOY=true",
+        ),
+    ] {
+        let (_, warnings) = injected(&pod, &cfg);
+        let w = warnings.join("\n");
+        assert!(
+            w.contains("podwire-cni will not redirect this pod") && w.contains(why),
+            "{w}"
+        );
+    }
+    // A plain customisation says nothing.
+    let pod = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "app"},
+        {"name": "istio-proxy", "image": "auto", "env": [{"name": "DISABLE_ENVOY", "value": "false"}]}]}});
+    let (_, warnings) = injected(&pod, &cfg);
+    assert!(
+        !warnings.join("\n").contains("will not redirect"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn prometheus_annotations_merge_as_istios_webhook() {
+    let cfg = InjectorConfig::default();
+    // Another spelling of scrape: false turns the merge off.
+    let pod = json!({"metadata": {"name": "x", "annotations": {"prometheus.io.scrape": "false"}},
+        "spec": {"containers": [{"name": "app"}]}});
+    let (out, _) = injected(&pod, &cfg);
+    assert!(out["metadata"]["annotations"]
+        .get("prometheus.io/port")
+        .is_none());
+    // Empty values are unset: no scrape config for the agent, podwire's three annotations.
+    let pod = json!({"metadata": {"name": "x", "annotations": {"prometheus.io/path": ""}},
+        "spec": {"containers": [{"name": "app"}]}});
+    let (out, _) = injected(&pod, &cfg);
+    let proxy = &out["spec"]["initContainers"][0];
+    assert!(
+        env_of(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS").is_none(),
+        "{proxy}"
+    );
+    assert_eq!(
+        out["metadata"]["annotations"]["prometheus.io/path"],
+        "/stats/prometheus"
+    );
+    // Every spelling is replaced by podwire's; the agent gets the app's, targets first.
+    let pod = json!({"metadata": {"name": "x", "annotations": {
+            "prometheus-io/port": "9000",
+            "prometheus.istio.io/scrape-targets": " 8080 , 9100:/custom "}},
+        "spec": {"containers": [{"name": "app"}]}});
+    let (out, _) = injected(&pod, &cfg);
+    let a = out["metadata"]["annotations"]
+        .as_object()
+        .expect("annotations");
+    assert!(
+        !a.contains_key("prometheus-io/port")
+            && !a.contains_key("prometheus.istio.io/scrape-targets"),
+        "{a:?}"
+    );
+    let proxy = &out["spec"]["initContainers"][0];
+    let text = env_of(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS").expect("env")["value"]
+        .as_str()
+        .expect("text");
+    assert_eq!(
+        text,
+        r#"{"scrape":"","path":"/metrics","port":"8080","targets":[{"port":"8080","path":"/metrics"},{"port":"9100","path":"/custom"}]}"#
+    );
+}
+
+#[test]
+fn the_secure_metrics_port_is_announced_as_istio_does() {
+    let cfg = InjectorConfig {
+        mesh: json!({"defaultConfig": {"proxyMetadata": {"ENVOY_SECURE_MERGED_METRICS_PORT": "15091"}}}),
+        ..InjectorConfig::default()
+    };
+    let pod = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "app"}]}});
+    let (out, _) = injected(&pod, &cfg);
+    assert_eq!(
+        out["metadata"]["annotations"]["prometheus.istio.io/secure-port"],
+        "15091"
+    );
+    // The pod's own announcement stays.
+    let pod = json!({"metadata": {"name": "x", "annotations": {"prometheus.istio.io/secure-port": "9443"}},
+        "spec": {"containers": [{"name": "app"}]}});
+    let (out, _) = injected(&pod, &cfg);
+    assert_eq!(
+        out["metadata"]["annotations"]["prometheus.istio.io/secure-port"],
+        "9443"
+    );
+    // None without the variable.
+    let (out, _) = injected(&pod, &InjectorConfig::default());
+    let pod = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "app"}]}});
+    let (plain, _) = injected(&pod, &InjectorConfig::default());
+    assert!(plain["metadata"]["annotations"]
+        .get("prometheus.istio.io/secure-port")
+        .is_none());
+    assert_eq!(
+        out["metadata"]["annotations"]["prometheus.istio.io/secure-port"],
+        "9443"
     );
 }

@@ -619,10 +619,12 @@ fn prometheus_scrape_config(a: &Map<String, Value>, target: &str) -> Result<Opti
         for (key, raw, p, _) in &targets {
             check(key, raw, p)?;
         }
-    } else if let Some((key, p)) = port {
+    } else if let Some((key, p)) = port.filter(|(_, p)| !p.is_empty()) {
         check(key, p, p)?;
     }
-    if scrape.is_none() && port.is_none() && path.is_none() {
+    // Empty values count as unset (pilot-agent's IsEmpty).
+    let unset = |v: Option<&str>| v.is_none_or(str::is_empty);
+    if unset(scrape) && unset(port.map(|(_, p)| p)) && unset(path) {
         return Ok(None);
     }
     // Istio's field order (pilot-agent's PrometheusScrapeConfiguration).
@@ -1099,6 +1101,21 @@ impl Prebuilt {
     }
 }
 
+/// Per-pod annotations of the sidecar template that Istio's gateway template does not read.
+const GATEWAY_IGNORES: [&str; 11] = [
+    "sidecar.istio.io/proxyCPU",
+    "sidecar.istio.io/proxyMemory",
+    "sidecar.istio.io/proxyCPULimit",
+    "sidecar.istio.io/proxyMemoryLimit",
+    "sidecar.istio.io/userVolume",
+    "sidecar.istio.io/userVolumeMount",
+    "sidecar.istio.io/interceptionMode",
+    "sidecar.istio.io/nativeSidecar",
+    "readiness.status.sidecar.istio.io/initialDelaySeconds",
+    "readiness.status.sidecar.istio.io/periodSeconds",
+    "readiness.status.sidecar.istio.io/failureThreshold",
+];
+
 /// Which of Istio's injection templates a pod gets (`inject.istio.io/templates`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Template {
@@ -1121,6 +1138,18 @@ impl Template {
             Ok(Template::Sidecar)
         } else if names.iter().all(|n| *n == "gateway") {
             Ok(Template::Gateway)
+        } else if names.iter().all(|n| *n == "sidecar" || *n == "gateway") {
+            Err(invalid(
+                TEMPLATES,
+                t,
+                "`sidecar` and `gateway` cannot be combined: a pod is one or the other",
+            ))
+        } else if names.iter().any(|n| n.is_empty()) {
+            Err(invalid(
+                TEMPLATES,
+                t,
+                "a template name is empty (expected `sidecar` or `gateway`)",
+            ))
         } else {
             Err(invalid(
                 TEMPLATES,
@@ -1197,6 +1226,15 @@ pub fn render(
     let merge_ann = check_bool(a, "prometheus.istio.io/merge-metrics")?;
     let template = Template::of(a)?;
     let gateway = template == Template::Gateway;
+    if gateway {
+        for k in GATEWAY_IGNORES {
+            if a.contains_key(k) {
+                warnings.push(format!(
+                    "annotation {k} is ignored: Istio's gateway template does not read it"
+                ));
+            }
+        }
+    }
     for (k, why) in REFUSED_ANNOTATIONS {
         if a.contains_key(k) {
             warnings.push(format!("annotation {k} is ignored: {why}"));
@@ -1350,7 +1388,14 @@ pub fn render(
     });
     let mut ports_text = String::from("[");
     let mut first = true;
-    for c in &app {
+    // Every container of the pod as written, its own istio-proxy included (Istio's templates
+    // loop over `.Spec.Containers`).
+    for c in spec
+        .get("containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         for p in c
             .get("ports")
             .and_then(Value::as_array)
@@ -1381,8 +1426,28 @@ pub fn render(
         envs.push(env("ISTIO_META_CLUSTER_ID", "Kubernetes").into());
     }
     envs.push(Json::Raw(pre.node_name_env.clone()));
-    envs.push(env("ISTIO_META_INTERCEPTION_MODE", &interception).into());
-    let workload_name = label("service.istio.io/workload-name").unwrap_or(&workload.name);
+    // The gateway template reads neither the interception annotation nor the workload-name
+    // label.
+    let pc_interception = match pc_str("interceptionMode") {
+        "" => "REDIRECT",
+        m => m,
+    };
+    envs.push(
+        env(
+            "ISTIO_META_INTERCEPTION_MODE",
+            if gateway {
+                pc_interception
+            } else {
+                &interception
+            },
+        )
+        .into(),
+    );
+    let workload_name = if gateway {
+        &workload.name
+    } else {
+        label("service.istio.io/workload-name").unwrap_or(&workload.name)
+    };
     if !workload_name.is_empty() {
         envs.push(env("ISTIO_META_WORKLOAD_NAME", workload_name).into());
     }
@@ -1468,7 +1533,12 @@ pub fn render(
         c.insert("imagePullPolicy".into(), json!(p).into());
     }
     if status_port != "0" || gateway {
-        let timing = [ready_delay, ready_period, ready_failure];
+        // The gateway template does not read the readiness annotations.
+        let timing = if gateway {
+            [None; 3]
+        } else {
+            [ready_delay, ready_period, ready_failure]
+        };
         let ready = if timing.iter().all(Option::is_none) {
             Json::Raw(pre.readiness_probe.clone())
         } else {
@@ -1510,7 +1580,10 @@ pub fn render(
         );
     }
     mounts.extend(pre.mounts_tail.iter().cloned().map(Json::Raw));
-    for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")? {
+    for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")?
+        .into_iter()
+        .filter(|_| !gateway)
+    {
         let mut m = m;
         m["name"] = json!(name);
         mounts.push(m.into());
@@ -1538,7 +1611,10 @@ pub fn render(
             json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}).into(),
         ));
     }
-    for (name, v) in user_map(a, "sidecar.istio.io/userVolume")? {
+    for (name, v) in user_map(a, "sidecar.istio.io/userVolume")?
+        .into_iter()
+        .filter(|_| !gateway)
+    {
         let mut v = v;
         v["name"] = json!(name);
         volumes.push((Cow::Owned(name), v.into()));
@@ -1564,6 +1640,20 @@ pub fn render(
         };
         overrides_annotation = Some(json!({ list: [own.clone()] }).to_string());
         merge_into(&mut proxy, &own);
+    }
+    // A sidecar whose args or env (the pod's own container, podwire's config, proxyMetadata)
+    // make it a proxy podwire-cni leaves alone: admitted as Istio does, but said.
+    if !gateway
+        && (own.is_some() || o.container.is_some() || metadata.contains_key("DISABLE_ENVOY"))
+    {
+        // Read as the plugin reads it (first two args, DISABLE_ENVOY), so they cannot disagree.
+        let merged = proxy.read::<crate::pod::Container>().unwrap_or_default();
+        if let Some(why) = crate::mesh::proxy_left_alone(&merged, &crate::MeshProfile::istio()) {
+            warnings.push(format!(
+                "podwire-cni will not redirect this pod: {why}; its traffic will not pass \
+                 through the proxy"
+            ));
+        }
     }
 
     // Post-processing as Istio's webhook: Prometheus merge, probe rewrite.
@@ -1598,6 +1688,28 @@ pub fn render(
             annotations.insert("prometheus.io/scrape".into(), json!("true"));
         }
     }
+    // The proxy serving merged metrics over mTLS (ENVOY_SECURE_MERGED_METRICS_PORT, set through
+    // proxyMetadata or the pod's own container) is announced for scrapers, unless the pod
+    // announces it itself.
+    const SECURE_PORT_ENV: &str = "ENVOY_SECURE_MERGED_METRICS_PORT";
+    if (metadata.contains_key(SECURE_PORT_ENV) || own.is_some() || o.container.is_some())
+        && prometheus_annotations(a, "prometheus_istio_io_secure_port")
+            .next()
+            .is_none()
+    {
+        let merged = proxy
+            .read_member::<Option<Vec<crate::pod::EnvVar>>>("env")
+            .and_then(|r| r.ok().flatten())
+            .unwrap_or_default();
+        if let Some(port) = merged
+            .iter()
+            .find(|e| e.name == SECURE_PORT_ENV)
+            .and_then(|e| e.value.as_deref())
+            .filter(|v| !v.is_empty() && *v != "0")
+        {
+            annotations.insert("prometheus.istio.io/secure-port".into(), json!(port));
+        }
+    }
     if rewrite_ann.unwrap_or(s.rewrite_app_probe) {
         let port = status_port_ann.unwrap_or(mesh_status_port);
         let probers = rewrite_probes(&mut inits, &mut app, port);
@@ -1615,7 +1727,8 @@ pub fn render(
     // Containers in Istio's order.
     let mut inits: Vec<Json> = inits.into_iter().map(Json::Value).collect();
     let mut app: Vec<Json> = app.into_iter().map(Json::Value).collect();
-    let hold_order = (hold_pc || s.hold_values) && !gateway;
+    // Istio's webhook moves the proxy first after any template.
+    let hold_order = hold_pc || s.hold_values;
     if native {
         inits.insert(0, proxy);
     } else if hold_order {

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// One JSON-patch operation. podwire only ever adds (an `add` on an existing member replaces
-/// it, RFC 6902 §4.1), so a patch never depends on the exact state of what it does not touch.
+/// it, RFC 6902 §4.1): no operation can fail on the object the API server patches. A map the
+/// render drops a key from (the Prometheus merge) is added whole.
 /// Written as JSON with serde_json; `value.to_value()` reads the value anywhere else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PatchOp {
@@ -174,6 +175,13 @@ fn kind_of(v: &Value) -> &'static str {
 /// Things about an injected pod that would surprise its author.
 fn mutation_warnings(info: &PodInfo, cfg: &InjectorConfig, profile: &MeshProfile) -> Vec<String> {
     let mut w = Vec::new();
+    // A gateway is not redirected: nothing below applies (its own warnings come from the render).
+    if info
+        .annotation(istio::TEMPLATES)
+        .is_some_and(|t| t.split(',').all(|n| n.trim() == "gateway"))
+    {
+        return w;
+    }
     let (uid, _) = cfg.proxy_ids(profile);
     match info.annotation(profile.interception_mode_key) {
         None | Some("REDIRECT") => {}
