@@ -523,10 +523,11 @@ fn ann<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     a.get(k).and_then(Value::as_str)
 }
 
-/// Prometheus's label-name sanitising: `prometheus.io/scrape`, `prometheus.io.scrape` and
-/// `prometheus-io/scrape` all read as `prometheus_io_scrape`, and Istio's webhook matches the
-/// pod's annotations the same way.
-fn sanitise_label_name(k: &str) -> String {
+/// Whether key `k` is `name` after Prometheus's label-name sanitising: `prometheus.io/scrape`,
+/// `prometheus.io.scrape` and `prometheus-io/scrape` all read as `prometheus_io_scrape`, and
+/// Istio's webhook matches the pod's annotations the same way.
+fn sanitised_is(k: &str, name: &str) -> bool {
+    // Compared as it goes: no string is built per annotation on the request path.
     k.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' {
@@ -535,7 +536,7 @@ fn sanitise_label_name(k: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .eq(name.chars())
 }
 
 /// The pod's annotations (key, value) whose sanitised key is `name`.
@@ -544,7 +545,7 @@ fn prometheus_annotations<'a>(
     name: &'a str,
 ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
     a.iter()
-        .filter(move |(k, _)| sanitise_label_name(k) == name)
+        .filter(move |(k, _)| sanitised_is(k, name))
         .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
 }
 
@@ -1675,13 +1676,14 @@ pub fn render(
             }
             // Every spelling Prometheus reads alike goes, so only podwire's remain.
             annotations.retain(|k, _| {
-                !matches!(
-                    sanitise_label_name(k).as_str(),
-                    "prometheus_io_scrape"
-                        | "prometheus_io_port"
-                        | "prometheus_io_path"
-                        | "prometheus_istio_io_scrape_targets"
-                )
+                ![
+                    "prometheus_io_scrape",
+                    "prometheus_io_port",
+                    "prometheus_io_path",
+                    "prometheus_istio_io_scrape_targets",
+                ]
+                .iter()
+                .any(|name| sanitised_is(k, name))
             });
             annotations.insert("prometheus.io/port".into(), json!(target));
             annotations.insert("prometheus.io/path".into(), json!("/stats/prometheus"));
