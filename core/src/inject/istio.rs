@@ -10,7 +10,7 @@
 //! the injected pod for one pod object. Nothing a pod author writes is pasted into text that is
 //! parsed again: annotation values are checked and placed as JSON strings.
 
-use super::json::{Json, Raw};
+use super::json::{Json, Node, Raw};
 use super::quantity::Quantity;
 use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
@@ -1647,8 +1647,7 @@ pub fn render(
     if !gateway
         && (own.is_some() || o.container.is_some() || metadata.contains_key("DISABLE_ENVOY"))
     {
-        // Read as the plugin reads it (first two args, DISABLE_ENVOY), so they cannot disagree.
-        let merged = proxy.read::<crate::pod::Container>().unwrap_or_default();
+        let merged = read_as_plugin(&proxy);
         if let Some(why) = crate::mesh::proxy_left_alone(&merged, &crate::MeshProfile::istio()) {
             warnings.push(format!(
                 "podwire-cni will not redirect this pod: {why}; its traffic will not pass \
@@ -1699,14 +1698,13 @@ pub fn render(
             .next()
             .is_none()
     {
-        let merged = proxy
-            .read_member::<Option<Vec<crate::pod::EnvVar>>>("env")
-            .and_then(|r| r.ok().flatten())
-            .unwrap_or_default();
-        if let Some(port) = merged
-            .iter()
-            .find(|e| e.name == SECURE_PORT_ENV)
-            .and_then(|e| e.value.as_deref())
+        if let Some(port) = Node::of(&proxy)
+            .get("env")
+            .map(Node::items)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.get("name").and_then(Node::as_str) == Some(SECURE_PORT_ENV))
+            .and_then(|e| e.get("value").and_then(Node::as_str))
             .filter(|v| !v.is_empty() && *v != "0")
         {
             annotations.insert("prometheus.istio.io/secure-port".into(), json!(port));
@@ -2197,6 +2195,38 @@ fn convert(probe: &mut Value, url: &str, status_port: i64, grpc: bool) {
     m.insert("httpGet".into(), action);
 }
 
+/// The merged proxy as podwire-cni reads the pod (the first two args, the env it decides on;
+/// [`crate::pod::Container`]'s deserializer), without building the whole container first.
+fn read_as_plugin(proxy: &Json) -> crate::pod::Container {
+    let c = Node::of(proxy);
+    let strings = |key: &str| c.get(key).map(Node::items).unwrap_or_default();
+    crate::pod::Container {
+        name: c
+            .get("name")
+            .and_then(Node::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        args: strings("args")
+            .into_iter()
+            .take(2)
+            .map(|a| a.as_str().unwrap_or_default().to_owned())
+            .collect(),
+        env: strings("env")
+            .into_iter()
+            .filter_map(|e| {
+                let name = e.get("name")?.as_str()?;
+                crate::pod::READ_ENV
+                    .contains(&name)
+                    .then(|| crate::pod::EnvVar {
+                        name: name.to_owned(),
+                        value: e.get("value").and_then(Node::as_str).map(str::to_owned),
+                    })
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2294,6 +2324,67 @@ mod tests {
                 push_env_value(list, &env_name, entry);
             }
             prop_assert_eq!(json.to_value(), want);
+        }
+    }
+
+    /// A well-typed proxy container as the merge leaves it: args and env of the kinds that
+    /// make podwire-cni leave a pod alone, and unrelated members.
+    fn proxy_container() -> impl Strategy<Value = Value> {
+        let arg = prop::sample::select(vec!["proxy", "sidecar", "router", "--domain"]);
+        let env = (
+            prop::sample::select(vec![
+                "DISABLE_ENVOY",
+                "POD_NAME",
+                "ENVOY_SECURE_MERGED_METRICS_PORT",
+            ]),
+            prop::option::of(prop::sample::select(vec!["true", "false", "", "15091"])),
+        )
+            .prop_map(|(name, value)| match value {
+                Some(v) => json!({"name": name, "value": v}),
+                None => json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": "x"}}}),
+            });
+        (
+            prop::option::of(prop::collection::vec(arg, 0..4)),
+            prop::option::of(prop::collection::vec(env, 0..4)),
+        )
+            .prop_map(|(args, env)| {
+                let mut c = json!({"name": "istio-proxy", "image": "auto"});
+                if let Some(a) = args {
+                    c["args"] = json!(a);
+                }
+                if let Some(e) = env {
+                    c["env"] = json!(e);
+                }
+                c
+            })
+    }
+
+    proptest! {
+        /// The borrowed read of the merged proxy is the plugin's own reading of the container,
+        /// however its parts are held.
+        #[test]
+        fn the_proxy_is_read_as_the_plugin_reads_it(
+            c in proxy_container(),
+            raw in any::<bool>(),
+        ) {
+            let held = Json::Object(
+                c.as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| {
+                        let part = match v {
+                            Value::Array(items) if k == "env" => Json::Array(
+                                items.iter().map(|i| Json::Raw(Raw::new(i))).collect(),
+                            ),
+                            v if raw => Json::Raw(Raw::new(v)),
+                            v => Json::Value(v.clone()),
+                        };
+                        (k.clone(), part)
+                    })
+                    .collect(),
+            );
+            let plugin: crate::pod::Container = serde_json::from_value(c).expect("container");
+            prop_assert_eq!(read_as_plugin(&held), plugin);
         }
     }
 

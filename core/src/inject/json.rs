@@ -137,6 +137,54 @@ impl From<Value> for Json {
 }
 
 /// Equal as JSON values (how they are held does not matter).
+/// A node of a [`Json`] tree, borrowed however it is held: reading a few members this way
+/// costs nothing, where [`Json::read`] builds the whole value first.
+#[derive(Debug, Clone, Copy)]
+pub enum Node<'a> {
+    Json(&'a Json),
+    Value(&'a Value),
+}
+
+impl<'a> Node<'a> {
+    /// `j` as a node.
+    pub fn of(j: &'a Json) -> Node<'a> {
+        match j {
+            Json::Value(v) => Node::Value(v),
+            Json::Raw(r) => Node::Value(r.value()),
+            other => Node::Json(other),
+        }
+    }
+
+    /// Member `key` of an object.
+    pub fn get(self, key: &str) -> Option<Node<'a>> {
+        match self {
+            Node::Value(v) => v.get(key).map(Node::Value),
+            Node::Json(Json::Object(m)) => m.get(key).map(Node::of),
+            Node::Json(j @ (Json::Value(_) | Json::Raw(_))) => Node::of(j).get(key),
+            Node::Json(Json::Array(_)) => None,
+        }
+    }
+
+    /// The string, when this is one.
+    pub fn as_str(self) -> Option<&'a str> {
+        match self {
+            Node::Value(v) => v.as_str(),
+            Node::Json(j @ (Json::Value(_) | Json::Raw(_))) => Node::of(j).as_str(),
+            Node::Json(_) => None,
+        }
+    }
+
+    /// The items of an array (none for anything else).
+    pub fn items(self) -> Vec<Node<'a>> {
+        match self {
+            Node::Value(Value::Array(a)) => a.iter().map(Node::Value).collect(),
+            Node::Json(Json::Array(a)) => a.iter().map(Node::of).collect(),
+            Node::Json(j @ (Json::Value(_) | Json::Raw(_))) => Node::of(j).items(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 impl PartialEq for Json {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
