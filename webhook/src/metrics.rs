@@ -75,6 +75,42 @@ pub fn result_of(outcome: Outcome) -> RequestResult {
     }
 }
 
+/// The HTTP version a connection speaks (label `protocol`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl EncodeLabelValue for Protocol {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "h2",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: Protocol,
+}
+
+/// Counts one of something while held (a request in flight, an open connection).
+#[derive(Debug)]
+pub struct Held(Gauge);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn hold(g: &Gauge) -> Held {
+    g.inc();
+    Held(g.clone())
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: RequestResult,
@@ -112,6 +148,8 @@ pub struct Metrics {
     cert_reloads: Counter,
     namespaces: Gauge,
     memo_hits: Counter,
+    in_flight: Gauge,
+    connections: Family<ProtocolLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -126,7 +164,12 @@ impl Default for Metrics {
             cert_reloads: Counter::default(),
             namespaces: Gauge::default(),
             memo_hits: Counter::default(),
+            in_flight: Gauge::default(),
+            connections: Family::default(),
         };
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            drop(m.connections.get_or_create(&ProtocolLabel { protocol }));
+        }
         for result in RequestResult::ALL {
             drop(m.requests.get_or_create(&ResultLabel { result }));
         }
@@ -178,6 +221,16 @@ impl Default for Metrics {
             "Pod CREATEs answered from the memo of pods seen before (replicas of one template)",
             m.memo_hits.clone(),
         );
+        r.register(
+            "podwire_injector_requests_in_flight",
+            "/inject requests being received or answered now",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "podwire_injector_open_connections",
+            "Open client connections, by HTTP version (kube-apiserver speaks h2 when offered)",
+            m.connections.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }
@@ -210,6 +263,16 @@ impl Metrics {
             }
         }
         self.latency.observe(took.as_secs_f64());
+    }
+
+    /// An `/inject` request in flight until the result is dropped.
+    pub fn in_flight(&self) -> Held {
+        hold(&self.in_flight)
+    }
+
+    /// An open connection speaking `protocol` until the result is dropped.
+    pub fn connection(&self, protocol: Protocol) -> Held {
+        hold(&self.connections.get_or_create(&ProtocolLabel { protocol }))
     }
 
     /// A serving certificate was (re)loaded; `not_after` in seconds since the epoch.

@@ -6,7 +6,7 @@
 //! `408`, both with an AdmissionReview-shaped body; nothing here answers `500`.
 
 use crate::admission::{AdmissionResponse, AdmissionReview, Status};
-use crate::metrics::{result_of, Metrics, RequestResult};
+use crate::metrics::{result_of, Metrics, Protocol, RequestResult};
 use crate::namespaces::NamespaceLabels;
 use crate::review::{review_resolving, Outcome};
 use crate::tls::CertStore;
@@ -16,10 +16,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use podwire_core::inject::Step;
 use podwire_core::MeshProfile;
 use std::convert::Infallible;
@@ -238,6 +238,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
 
 async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let _in_flight = state.metrics.in_flight();
     let max = state.limits.max_body_bytes;
     let too_large = |what: String| {
         state
@@ -469,6 +470,32 @@ async fn read_body(
     }
 }
 
+/// Streams one HTTP/2 connection may have open at once: kube-apiserver opens another
+/// connection past it; the memory budget, not this, bounds the work in flight.
+pub const MAX_H2_STREAMS: u32 = 128;
+
+/// The HTTP server for one TLS connection: HTTP/2 when ALPN chose it, HTTP/1.1 otherwise.
+fn connection_builder(h2: bool, timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        // A peer that went away without closing is found by pings, not kept forever.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(timeout);
+    if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    }
+}
+
 /// Serve HTTPS on `listener` until `shutdown` completes, then let open connections finish
 /// (up to `limits.drain_timeout`).
 pub async fn serve(
@@ -503,11 +530,13 @@ pub async fn serve(
                 Ok(Ok(tls)) => {
                     let st = state.clone();
                     let svc = service_fn(move |req| handle(st.clone(), req));
-                    let mut builder = http1::Builder::new();
-                    builder
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(timeout)
-                        .keep_alive(true);
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let _open = state.metrics.connection(if h2 {
+                        Protocol::Http2
+                    } else {
+                        Protocol::Http1
+                    });
+                    let builder = connection_builder(h2, timeout);
                     let conn = builder.serve_connection(TokioIo::new(tls), svc);
                     tokio::pin!(conn);
                     let result = tokio::select! {

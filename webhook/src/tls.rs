@@ -124,7 +124,8 @@ impl CertStore {
             })?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // kube-apiserver's webhook client (Go's transport) takes HTTP/2 when offered.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 }

@@ -508,3 +508,217 @@ fn config_file_changes_apply_without_a_restart() {
         inj.log()
     );
 }
+
+/// kube-apiserver's webhook client takes HTTP/2 when the server offers it, and sends
+/// concurrent reviews as streams of one connection. curl (libcurl + nghttp2, an HTTP/2 stack
+/// of its own) does the same here: every answer is what the offline review answers.
+#[test]
+fn http2_streams_on_one_connection_are_answered_as_over_http1() {
+    let curl = which("curl");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (inj, _, ca) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &["--no-namespace-watch"],
+        &[],
+    );
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).expect("ca");
+    // Distinct pods (each rendered), a refusal and an unreadable review.
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    let pod: Value = serde_json::from_slice(&fixture_bytes("controller-pod.json")).expect("pod");
+    for i in 0..10 {
+        let mut v = pod.clone();
+        v["request"]["uid"] = json!(format!("h2-{i}"));
+        v["request"]["object"]["metadata"]["labels"]["stream"] = json!(i.to_string());
+        bodies.push(serde_json::to_vec(&v).expect("JSON"));
+    }
+    bodies.push(fixture_bytes("bad-annotation.json"));
+    bodies.push(fixture_bytes("malformed.json"));
+    let mut cmd = Command::new(&curl);
+    cmd.args([
+        "--silent",
+        "--show-error",
+        "--parallel",
+        "--parallel-max",
+        "16",
+    ]);
+    for (i, body) in bodies.iter().enumerate() {
+        let (req, out) = (
+            dir.path().join(format!("req-{i}")),
+            dir.path().join(format!("out-{i}")),
+        );
+        std::fs::write(&req, body).expect("body");
+        if i > 0 {
+            cmd.arg("--next");
+        }
+        cmd.args(["--http2", "--cacert"])
+            .arg(&ca_file)
+            .args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(format!("@{}", req.display()))
+            .arg("-o")
+            .arg(&out)
+            .args(["-w", "%{http_version} %{response_code} %{num_connects}\\n"])
+            .arg(inj.url("/inject"));
+    }
+    let run = cmd.output().expect("curl");
+    assert!(
+        run.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = String::from_utf8_lossy(&run.stdout).to_string();
+    let lines: Vec<Vec<&str>> = report.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), bodies.len(), "{report}");
+    assert!(
+        lines.iter().all(|l| l[0] == "2" && l[1] == "200"),
+        "every review over HTTP/2, answered 200:\n{report}"
+    );
+    let connects: u32 = lines.iter().map(|l| l[2].parse::<u32>().expect("n")).sum();
+    assert_eq!(connects, 1, "all streams on one connection:\n{report}");
+    for (i, body) in bodies.iter().enumerate() {
+        let out = std::fs::read(dir.path().join(format!("out-{i}"))).expect("answer");
+        let answer: Value = serde_json::from_slice(&out).expect("JSON answer");
+        assert_eq!(answer, offline_review_of(body, &[]), "stream {i}");
+    }
+}
+
+/// A program the test needs, found on PATH (scripts/setup installs it): never skipped.
+fn which(program: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} is not installed: run scripts/setup (as root)"))
+}
+
+/// SIGTERM while reviews are half received, one over HTTP/1.1 and one as an HTTP/2 stream (as
+/// kube-apiserver sends them): no new connection is accepted, both reviews are answered in
+/// full, then the idle connections are closed by the injector and it exits at once.
+#[test]
+fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::io::Write as _;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let (inj, agent, ca) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &["--no-namespace-watch"],
+        &[],
+    );
+    let body = fixture_bytes("controller-pod.json");
+    let want = offline_review_of(&body, &[]);
+    let (head, tail) = body.split_at(body.len() / 2);
+
+    // HTTP/1.1: the headers and half the body.
+    let mut h1 = raw_tls(inj.addr, &ca);
+    write!(
+        h1,
+        "POST /inject HTTP/1.1\r\nHost: injector\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .expect("headers");
+    h1.write_all(head).expect("half the body");
+    h1.flush().expect("flush");
+
+    // HTTP/2: a stream with half the body.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut tls = (*tls_config(&ca)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (addr, url) = (inj.addr, inj.url("/inject"));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let (answer, closed) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("TLS");
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("HTTP/2 handshake");
+        let closed = tokio::spawn(conn);
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(Frame::data(chunk)), rx))
+        });
+        let req = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(Box::pin(frames)))
+            .expect("request");
+        let answer = tokio::spawn(async move {
+            let resp = send.send_request(req).await.expect("response");
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, bytes)
+        });
+        (answer, closed)
+    });
+    tx.blocking_send(Bytes::copy_from_slice(head))
+        .expect("half the stream");
+
+    // Both reviews are in the injector's hands.
+    let in_flight = || {
+        let (_, m) = get(&agent, &inj.url("/metrics")).expect("metrics");
+        (
+            metric(&m, "podwire_injector_requests_in_flight"),
+            metric(&m, "podwire_injector_open_connections{protocol=\"h2\"}"),
+        )
+    };
+    eventually("both reviews in flight", Duration::from_secs(10), || {
+        in_flight() == (2.0, 1.0)
+    });
+    drop(agent);
+    inj.sigterm();
+    eventually("the listener closed", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(inj.addr).is_err()
+    });
+
+    // The rest of both bodies: full answers.
+    let h1_answer = raw_exchange(&mut h1, tail);
+    let (status_line, h1_body) = (
+        h1_answer.lines().next().unwrap_or_default().to_string(),
+        h1_answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+    );
+    assert_eq!(status_line, "HTTP/1.1 200 OK", "{h1_answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(h1_body).expect("JSON"),
+        want,
+        "HTTP/1.1"
+    );
+    tx.blocking_send(Bytes::copy_from_slice(tail))
+        .expect("rest of the stream");
+    drop(tx);
+    let (status, h2_body) = rt.block_on(answer).expect("HTTP/2 answer");
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&h2_body).expect("JSON"),
+        want,
+        "HTTP/2"
+    );
+    // The injector ends the HTTP/2 connection itself (GOAWAY), and exits well before its
+    // 15 s drain timeout.
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the injector closed the HTTP/2 connection")
+            .expect("connection task")
+            .expect("a clean HTTP/2 close");
+    });
+    assert!(inj.exit_within(Duration::from_secs(5)).success());
+}

@@ -52,17 +52,28 @@ impl Injector {
     }
 
     /// SIGTERM (graceful) and wait.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.exit_within(Duration::from_secs(20))
+    }
+
+    /// Send SIGTERM: the injector stops accepting and finishes what is open.
+    pub fn sigterm(&self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    }
+
+    /// Its exit status, which must come within `limit`.
+    pub fn exit_within(mut self, limit: Duration) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no exit after SIGTERM"
+                start.elapsed() < limit,
+                "no exit within {limit:?}: {}",
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
