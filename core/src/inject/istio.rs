@@ -2223,7 +2223,20 @@ fn read_as_plugin(proxy: &Json) -> crate::pod::Container {
                     })
             })
             .collect(),
-        ..Default::default()
+        restart_policy: c
+            .get("restartPolicy")
+            .and_then(Node::as_str)
+            .map(str::to_owned),
+        security_context: c.get("securityContext").and_then(|sc| {
+            matches!(
+                sc,
+                Node::Value(Value::Object(_)) | Node::Json(Json::Object(_))
+            )
+            .then(|| crate::pod::SecurityContext {
+                run_as_user: sc.get("runAsUser").and_then(Node::as_i64),
+                run_as_group: sc.get("runAsGroup").and_then(Node::as_i64),
+            })
+        }),
     }
 }
 
@@ -2346,9 +2359,18 @@ mod tests {
         (
             prop::option::of(prop::collection::vec(arg, 0..4)),
             prop::option::of(prop::collection::vec(env, 0..4)),
+            0u8..6,
         )
-            .prop_map(|(args, env)| {
+            .prop_map(|(args, env, sc)| {
                 let mut c = json!({"name": "istio-proxy", "image": "auto"});
+                if sc % 3 > 0 {
+                    c["restartPolicy"] = json!("Always");
+                    c["securityContext"] = if sc % 3 == 1 {
+                        json!({"runAsUser": 1337, "runAsGroup": 1337, "privileged": false})
+                    } else {
+                        json!({"readOnlyRootFilesystem": true})
+                    };
+                }
                 if let Some(a) = args {
                     c["args"] = json!(a);
                 }

@@ -136,7 +136,6 @@ impl From<Value> for Json {
     }
 }
 
-/// Equal as JSON values (how they are held does not matter).
 /// A node of a [`Json`] tree, borrowed however it is held: reading a few members this way
 /// costs nothing, where [`Json::read`] builds the whole value first.
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +173,15 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// The integer, when this is one.
+    pub fn as_i64(self) -> Option<i64> {
+        match self {
+            Node::Value(v) => v.as_i64(),
+            Node::Json(j @ (Json::Value(_) | Json::Raw(_))) => Node::of(j).as_i64(),
+            Node::Json(_) => None,
+        }
+    }
+
     /// The items of an array (none for anything else).
     pub fn items(self) -> Vec<Node<'a>> {
         match self {
@@ -185,6 +193,7 @@ impl<'a> Node<'a> {
     }
 }
 
+/// Equal as JSON values (how they are held does not matter).
 impl PartialEq for Json {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
