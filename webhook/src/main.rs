@@ -124,9 +124,13 @@ struct ServeArgs {
     /// Largest AdmissionReview accepted; larger ones get 413.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
-    /// Time for a request (TLS handshake, headers, body) to arrive.
+    /// Time for a request (TLS handshake, headers, body) to arrive; a connection idle this
+    /// long is closed.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// Client connections served at once; more wait in the kernel's accept queue.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 }
 
 /// `500ms`, `10s`, `5m`, `12h`, `365d`.
@@ -515,6 +519,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         limits: serve::Limits {
             max_body_bytes: args.max_body_bytes,
             request_timeout: args.request_timeout,
+            max_connections: args.max_connections as usize,
             ..Default::default()
         },
         memo: Default::default(),

@@ -38,6 +38,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// On shutdown, time given to open connections to finish their requests.
     pub drain_timeout: Duration,
+    /// Connections served at once (each holds TLS buffers and, over HTTP/2, flow-control
+    /// windows the memory budget does not see); more wait in the accept queue.
+    pub max_connections: usize,
     /// Memory that requests in flight may use, so that the process stays under its
     /// container limit whatever arrives: see [`MemoryBudget`].
     pub memory: MemoryBudget,
@@ -49,6 +52,7 @@ impl Default for Limits {
             max_body_bytes: 4 << 20,
             request_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
+            max_connections: 128,
             memory: MemoryBudget::new(16 << 20, 32 << 20),
         }
     }
@@ -470,9 +474,63 @@ async fn read_body(
     }
 }
 
+/// Whether a connection is serving requests, and since when it has not been.
+#[derive(Debug)]
+struct Activity {
+    busy: AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// One request being served on a connection, until dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            busy: AtomicUsize::new(0),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Idle (no request) for at least `idle`.
+    fn idle_for(&self, idle: Duration) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0 && self.last().elapsed() >= idle
+    }
+
+    /// When to look again whether the connection has been idle for `idle`.
+    fn next_check(&self, idle: Duration) -> tokio::time::Instant {
+        if self.busy.load(Ordering::SeqCst) > 0 {
+            tokio::time::Instant::now() + idle
+        } else {
+            self.last() + idle
+        }
+    }
+}
+
 /// Streams one HTTP/2 connection may have open at once: kube-apiserver opens another
 /// connection past it; the memory budget, not this, bounds the work in flight.
-pub const MAX_H2_STREAMS: u32 = 128;
+pub const MAX_H2_STREAMS: u32 = 32;
+/// HTTP/2 flow-control windows: what a peer may send before its data is read. With
+/// [`Limits::max_connections`] they bound what HTTP/2 buffers outside the memory budget
+/// (128 connections x 128 KiB = 16 MiB); an AdmissionReview is a few KiB.
+const H2_STREAM_WINDOW: u32 = 64 << 10;
+const H2_CONNECTION_WINDOW: u32 = 128 << 10;
 
 /// The HTTP server for one TLS connection: HTTP/2 when ALPN chose it, HTTP/1.1 otherwise.
 fn connection_builder(h2: bool, timeout: Duration) -> auto::Builder<TokioExecutor> {
@@ -486,6 +544,8 @@ fn connection_builder(h2: bool, timeout: Duration) -> auto::Builder<TokioExecuto
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_H2_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         // A peer that went away without closing is found by pings, not kept forever.
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(timeout);
@@ -506,8 +566,17 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(state.certs.server_config()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let open = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Semaphore::new(state.limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        // A free slot before accepting: past the cap, connections wait in the accept queue.
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break, // never closed
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             acc = listener.accept() => match acc {
@@ -525,11 +594,21 @@ pub async fn serve(
         let mut stop = stop_rx.clone();
         open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
+            let _slot = slot;
             let timeout = state.limits.request_timeout;
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let st = state.clone();
-                    let svc = service_fn(move |req| handle(st.clone(), req));
+                    let activity = Arc::new(Activity::new());
+                    let act = activity.clone();
+                    let svc = service_fn(move |req| {
+                        let (st, busy) = (st.clone(), act.begin());
+                        async move {
+                            let r = handle(st, req).await;
+                            drop(busy);
+                            r
+                        }
+                    });
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let _open = state.metrics.connection(if h2 {
                         Protocol::Http2
@@ -539,11 +618,22 @@ pub async fn serve(
                     let builder = connection_builder(h2, timeout);
                     let conn = builder.serve_connection(TokioIo::new(tls), svc);
                     tokio::pin!(conn);
-                    let result = tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = stop.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
+                    let result = loop {
+                        tokio::select! {
+                            r = conn.as_mut() => break r,
+                            _ = stop.changed() => {
+                                conn.as_mut().graceful_shutdown();
+                                break conn.as_mut().await;
+                            }
+                            // HTTP/1.1's header read timeout closes an idle connection; an
+                            // HTTP/2 one is closed here (GOAWAY) after as long without a stream.
+                            _ = tokio::time::sleep_until(activity.next_check(timeout)), if h2 => {
+                                if activity.idle_for(timeout) {
+                                    tracing::debug!(%peer, "closing an idle HTTP/2 connection");
+                                    conn.as_mut().graceful_shutdown();
+                                    break conn.as_mut().await;
+                                }
+                            }
                         }
                     };
                     if let Err(e) = result {

@@ -637,7 +637,7 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let (addr, url) = (inj.addr, inj.url("/inject"));
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
-    let (answer, closed) = rt.block_on(async move {
+    let (answer, closed, keep) = rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
         let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
@@ -650,6 +650,8 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
                 .await
                 .expect("HTTP/2 handshake");
         let closed = tokio::spawn(conn);
+        // Held until the end: the client never closes the connection itself.
+        let keep = send.clone();
         let frames = futures::stream::unfold(rx, |mut rx| async move {
             let chunk = rx.recv().await?;
             Some((Ok::<_, std::convert::Infallible>(Frame::data(chunk)), rx))
@@ -664,7 +666,7 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
             let bytes = resp.into_body().collect().await.expect("body").to_bytes();
             (status, bytes)
         });
-        (answer, closed)
+        (answer, closed, keep)
     });
     tx.blocking_send(Bytes::copy_from_slice(head))
         .expect("half the stream");
@@ -721,4 +723,102 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
             .expect("a clean HTTP/2 close");
     });
     assert!(inj.exit_within(Duration::from_secs(5)).success());
+    drop(keep);
+}
+
+/// An HTTP/2 connection with no stream for the request timeout is closed by the injector
+/// (GOAWAY), as HTTP/1.1's header read timeout closes an idle one.
+#[test]
+fn idle_http2_connections_are_closed() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let (inj, agent, ca) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &["--no-namespace-watch", "--request-timeout", "1s"],
+        &[],
+    );
+    let mut tls = (*tls_config(&ca)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (addr, url) = (inj.addr, inj.url("/healthz"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = std::time::Instant::now();
+    let (closed, send) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("TLS");
+        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
+            TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        let closed = tokio::spawn(conn);
+        let resp = send
+            .send_request(hyper::Request::get(url).body(String::new()).expect("req"))
+            .await
+            .expect("healthz");
+        assert_eq!(resp.status(), 200);
+        let closed = tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the injector closed the idle HTTP/2 connection")
+            .expect("connection task");
+        (closed, send)
+    });
+    closed.expect("a clean HTTP/2 close");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed before it was idle"
+    );
+    drop(send);
+    eventually("no HTTP/2 connection left", Duration::from_secs(10), || {
+        get(&agent, &inj.url("/metrics")).is_ok_and(|(_, m)| {
+            metric(&m, "podwire_injector_open_connections{protocol=\"h2\"}") == 0.0
+        })
+    });
+}
+
+/// Past `--max-connections`, a connection waits in the accept queue until one closes.
+#[test]
+fn connections_past_the_cap_wait_for_a_free_slot() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (inj, _, ca) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &[
+            "--no-namespace-watch",
+            "--max-connections",
+            "1",
+            "--request-timeout",
+            "30s",
+        ],
+        &[],
+    );
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: injector\r\n\r\n";
+    let mut first = raw_tls(inj.addr, &ca);
+    let answer = raw_exchange(&mut first, HEALTHZ);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The first connection stays open (keep-alive): the second is not served meanwhile.
+    let (addr, ca2) = (inj.addr, ca.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut second = raw_tls(addr, &ca2);
+        let _ = tx.send(raw_exchange(&mut second, HEALTHZ));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "a second connection was served past --max-connections 1"
+    );
+    drop(first);
+    let answer = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second connection served once the first closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
