@@ -25,6 +25,8 @@ pub struct LiveConfig {
     origin: String,
     profile: MeshProfile,
     istio: Mutex<(Option<Value>, Option<Value>)>,
+    /// `ENABLE_NATIVE_SIDECARS=auto` as the node watch resolved it.
+    nodes_native: Mutex<Option<bool>>,
 }
 
 impl LiveConfig {
@@ -36,6 +38,7 @@ impl LiveConfig {
             origin: String::new(),
             profile,
             istio: Mutex::new((None, None)),
+            nodes_native: Mutex::new(None),
         }
     }
 
@@ -55,6 +58,7 @@ impl LiveConfig {
             origin: origin.to_string(),
             profile,
             istio: Mutex::new((values, mesh)),
+            nodes_native: Mutex::new(None),
         })
     }
 
@@ -75,7 +79,8 @@ impl LiveConfig {
             IstioSetting::Values => values = Some(value),
             IstioSetting::Mesh => mesh = Some(value),
         }
-        let file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        file.nodes_native = self.nodes_native();
         let merged = with_istio_settings(
             file,
             values.clone(),
@@ -84,6 +89,29 @@ impl LiveConfig {
             &self.profile,
         )?;
         *istio = (values, mesh);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+        Ok(())
+    }
+
+    fn nodes_native(&self) -> Option<bool> {
+        *self.nodes_native.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `ENABLE_NATIVE_SIDECARS=auto` means now (from the node watch); the config is
+    /// rebuilt when it changes.
+    pub fn set_nodes_native(&self, native: bool) -> Result<(), Error> {
+        // Same lock order as `update`: Istio's settings, then the file, then this.
+        let istio = self.istio.lock().unwrap_or_else(|p| p.into_inner());
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nodes = self.nodes_native.lock().unwrap_or_else(|p| p.into_inner());
+        if *nodes == Some(native) {
+            return Ok(());
+        }
+        let mut cfg = file.clone();
+        cfg.nodes_native = Some(native);
+        let (values, mesh) = istio.clone();
+        let merged = with_istio_settings(cfg, values, mesh, &self.origin, &self.profile)?;
+        *nodes = Some(native);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(())
     }
@@ -98,8 +126,9 @@ impl LiveConfig {
             return Ok(false);
         }
         let (values, mesh) = istio.clone();
-        let merged =
-            with_istio_settings(config.clone(), values, mesh, &self.origin, &self.profile)?;
+        let mut with_nodes = config.clone();
+        with_nodes.nodes_native = self.nodes_native();
+        let merged = with_istio_settings(with_nodes, values, mesh, &self.origin, &self.profile)?;
         *file = config;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(true)

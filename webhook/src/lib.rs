@@ -19,6 +19,7 @@ pub mod istio_settings;
 pub mod memo;
 pub mod metrics;
 pub mod namespaces;
+pub mod nodes;
 pub mod review;
 pub mod selfmanaged;
 pub mod serve;

@@ -121,6 +121,12 @@ struct ServeArgs {
     /// Do not watch namespaces: the namespaceSelector is then only applied by the API server.
     #[arg(long)]
     no_namespace_watch: bool,
+    /// Do not watch nodes: Istio's ENABLE_NATIVE_SIDECARS=auto is then taken as native
+    /// sidecars (right once every kubelet is 1.33 or newer) instead of following the nodes.
+    /// Nodes are watched only when the injector talks to the cluster anyway (namespace watch,
+    /// self-managed certificates or Istio's settings from the cluster).
+    #[arg(long)]
+    no_node_watch: bool,
     /// Largest AdmissionReview accepted; larger ones get 413.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -494,6 +500,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
+    let nodes_synced = match (&client, args.no_node_watch) {
+        (Some(client), false) => {
+            let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            tasks.push(tokio::spawn(podwire_injector::nodes::watch(
+                client.clone(),
+                live.clone(),
+                synced.clone(),
+            )));
+            Some(synced)
+        }
+        _ => None,
+    };
+    let auto = live.get().resolved.as_ref().map(|r| r.native)
+        == Some(podwire_core::inject::istio::NativeMode::Auto);
+    if nodes_synced.is_none() && auto {
+        tracing::info!(
+            "ENABLE_NATIVE_SIDECARS=auto is taken as native sidecars: nodes are not watched \
+             (every kubelet must be 1.33 or newer)"
+        );
+    }
     if let Some(client) = &client {
         use podwire_injector::IstioSetting;
         for (on, what) in [
@@ -514,6 +540,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config: live,
         profile,
         namespaces: ns_labels,
+        nodes_synced,
         metrics,
         certs,
         limits: serve::Limits {

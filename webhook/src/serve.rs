@@ -143,6 +143,9 @@ pub struct State {
     pub profile: MeshProfile,
     /// The namespace watch, when there is one.
     pub namespaces: Option<Arc<NamespaceLabels>>,
+    /// The node watch's first list is in, when there is one (it decides
+    /// `ENABLE_NATIVE_SIDECARS=auto`).
+    pub nodes_synced: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub metrics: Arc<Metrics>,
     pub certs: Arc<CertStore>,
     pub limits: Limits,
@@ -161,7 +164,13 @@ impl State {
         }
         match &self.namespaces {
             Some(ns) if !ns.synced.load(Ordering::SeqCst) => {
-                Some("the namespace watch has not completed its first list yet".into())
+                return Some("the namespace watch has not completed its first list yet".into())
+            }
+            _ => {}
+        }
+        match &self.nodes_synced {
+            Some(s) if !s.load(Ordering::SeqCst) => {
+                Some("the node watch has not completed its first list yet".into())
             }
             _ => None,
         }

@@ -366,7 +366,7 @@ fn namespace_labels_come_from_a_watch_and_match_review() {
     let (inj, agent, _) = serving(
         dir.path(),
         &fixture("config.yaml"),
-        &[],
+        &["--no-node-watch"],
         &[("KUBECONFIG", &kubeconfig)],
     );
     eventually(
@@ -821,4 +821,90 @@ fn connections_past_the_cap_wait_for_a_free_slot() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the second connection served once the first closed");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Where an answer puts the proxy: "native" (an init container), "classic" (a container).
+fn layout(answer: &Value) -> &'static str {
+    use base64::Engine;
+    let patch = answer["response"]["patch"].as_str().expect("a patch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(patch)
+        .expect("base64");
+    let ops: Vec<Value> = serde_json::from_slice(&patch).expect("JSON patch");
+    let proxy_under = |list: &str| {
+        ops.iter().any(|op| {
+            op["path"].as_str().is_some_and(|p| p.starts_with(list))
+                && op["value"].to_string().contains(r#""name":"istio-proxy""#)
+        })
+    };
+    match (
+        proxy_under("/spec/initContainers"),
+        proxy_under("/spec/containers"),
+    ) {
+        (true, false) => "native",
+        (false, true) => "classic",
+        other => panic!("proxy in neither or both lists {other:?}: {ops:?}"),
+    }
+}
+
+/// Istio's default `ENABLE_NATIVE_SIDECARS=auto`, as istiod applies it: native sidecars while
+/// every node's kubelet is 1.33 or newer, classic ones as soon as an older kubelet (or one
+/// that reports no readable version) joins, native again once it leaves; the change is the
+/// node watch's, with no restart. Ready only after the nodes' first list.
+#[test]
+fn auto_native_sidecars_follow_the_nodes_kubelets() {
+    let api = ApiServer::start().expect("api");
+    let node = |name: &str, version: &str| {
+        api.put(
+            &format!("/api/v1/nodes/{name}"),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+                   "status": {"nodeInfo": {"kubeletVersion": version}}}),
+        );
+    };
+    node("new-1", "v1.33.2");
+    node("new-2", "v1.34.0-eks-2b1f");
+    let dir = tempfile::tempdir().expect("tmp");
+    api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
+        .expect("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig").display().to_string();
+    let (inj, agent, _) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &[],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    eventually(
+        "ready once the node watch synced",
+        Duration::from_secs(20),
+        || get(&agent, &inj.url("/readyz")).is_ok_and(|(c, _)| c == 200),
+    );
+    let body = fixture_bytes("controller-pod.json");
+    let answer = || -> Value {
+        let (_, b) = post(&agent, &inj.url("/inject"), &body).expect("review");
+        serde_json::from_str(&b).expect("JSON")
+    };
+    assert_eq!(layout(&answer()), "native");
+    assert_eq!(answer(), offline_review_of(&body, &[]), "native as offline");
+    node("old-1", "v1.32.4");
+    eventually(
+        "classic with a 1.32 kubelet",
+        Duration::from_secs(10),
+        || layout(&answer()) == "classic",
+    );
+    assert!(
+        inj.log().contains("node old-1 runs kubelet v1.32.4"),
+        "{}",
+        inj.log()
+    );
+    api.delete("/api/v1/nodes/old-1");
+    eventually("native once it left", Duration::from_secs(10), || {
+        layout(&answer()) == "native"
+    });
+    node("odd-1", "");
+    eventually(
+        "classic with an unreadable version",
+        Duration::from_secs(10),
+        || layout(&answer()) == "classic",
+    );
+    assert!(api.count("GET", "/api/v1/nodes") >= 2, "list + watch");
 }

@@ -78,6 +78,11 @@ pub struct InjectorConfig {
     /// [`InjectorConfig::prepared`] for the default profile. Not part of the file.
     #[serde(skip)]
     pub render_inputs: Option<std::sync::Arc<super::patch::RenderInputs>>,
+    /// What Istio's `ENABLE_NATIVE_SIDECARS=auto` means in this cluster, from the webhook's
+    /// node watch ([`super::istio::kubelets_run_native_sidecars`]); `None` (offline, no
+    /// watch): native. Applied by [`InjectorConfig::prepared`]. Not part of the file.
+    #[serde(skip)]
+    pub nodes_native: Option<bool>,
 }
 
 /// The default injection policy. Kept as written when unrecognized so messages can quote it.
@@ -230,7 +235,14 @@ impl InjectorConfig {
     pub fn prepared(mut self) -> Result<Self> {
         self.resolved = None;
         self.render_inputs = None;
-        let r = self.istio()?;
+        let mut r = self.istio()?;
+        if let (super::istio::NativeMode::Auto, Some(native)) = (r.native, self.nodes_native) {
+            std::sync::Arc::make_mut(&mut r).native = if native {
+                super::istio::NativeMode::Enabled
+            } else {
+                super::istio::NativeMode::Disabled
+            };
+        }
         self.resolved = Some(r);
         let inputs = super::patch::RenderInputs::new(&self, &MeshProfile::istio())?;
         self.render_inputs = Some(std::sync::Arc::new(inputs));

@@ -71,9 +71,50 @@ pub enum NativeMode {
     Enabled,
     /// `false`.
     Disabled,
-    /// `auto` (Istio's default): native when every node's kubelet is ≥ 1.33. podwire does not
-    /// watch nodes; it treats `auto` as native (Kubernetes ≥ 1.33, where native sidecars are GA).
+    /// `auto` (Istio's default): native when every node's kubelet is ≥ 1.33
+    /// ([`kubelets_run_native_sidecars`], the webhook's node watch); without node information
+    /// (offline, `--no-node-watch`) native (Kubernetes ≥ 1.33, where native sidecars are GA).
     Auto,
+}
+
+/// Kubernetes minor version from which Istio's `auto` injects native sidecars (they are GA
+/// there, KEP-753).
+pub const NATIVE_SIDECAR_MIN_MINOR: u64 = 33;
+
+/// Istio's `auto` rule: native sidecars only when there is a node and every node's kubelet
+/// version (`status.nodeInfo.kubeletVersion`, e.g. `v1.33.2-eks-1`) is readable and at least
+/// 1.33, so that a cluster mid-upgrade never gets pods its older kubelets would hold in `Init`.
+/// On failure, the first node that decided it, with why.
+pub fn kubelets_run_native_sidecars<'a>(
+    nodes: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<usize, String> {
+    let mut count = 0;
+    for (node, version) in nodes {
+        let v = version.trim().trim_start_matches('v');
+        let mut parts = v.split(['.', '-', '+']);
+        let minor = match (parts.next(), parts.next()) {
+            (Some("1"), Some(m)) => m.parse::<u64>().ok(),
+            _ => None,
+        };
+        match minor {
+            Some(m) if m >= NATIVE_SIDECAR_MIN_MINOR => count += 1,
+            Some(_) => {
+                return Err(format!(
+                    "node {node} runs kubelet {version}, older than 1.{NATIVE_SIDECAR_MIN_MINOR}"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "node {node} reports kubelet version {version:?}, which does not read as \
+                     1.<minor>"
+                ))
+            }
+        }
+    }
+    if count == 0 {
+        return Err("the cluster has no node yet".into());
+    }
+    Ok(count)
 }
 
 /// Every setting the template reads, checked once.
@@ -2408,6 +2449,18 @@ mod tests {
             let plugin: crate::pod::Container = serde_json::from_value(c).expect("container");
             prop_assert_eq!(read_as_plugin(&held), plugin);
         }
+    }
+
+    #[test]
+    fn native_sidecars_need_every_kubelet_at_1_33() {
+        let ok = kubelets_run_native_sidecars([("a", "v1.33.0"), ("b", "v1.34.2-eks-3f1c")]);
+        assert_eq!(ok, Ok(2));
+        let old = kubelets_run_native_sidecars([("a", "v1.33.0"), ("b", "v1.32.9")]);
+        assert!(old.is_err_and(|e| e.contains("node b") && e.contains("v1.32.9")));
+        let odd = kubelets_run_native_sidecars([("a", "v1.33.0"), ("c", "unknown")]);
+        assert!(odd.is_err_and(|e| e.contains("node c")));
+        assert!(kubelets_run_native_sidecars([("d", "v2.0.0")]).is_err());
+        assert!(kubelets_run_native_sidecars([]).is_err());
     }
 
     #[test]

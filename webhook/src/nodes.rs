@@ -1,0 +1,93 @@
+//! Istio's `ENABLE_NATIVE_SIDECARS=auto` resolved as istiod resolves it: native sidecars only
+//! while every node's kubelet is 1.33 or newer, from a watch of the cluster's nodes. A node
+//! joining with an older kubelet switches new pods to the classic layout at once (its kubelet
+//! would hold a native sidecar's pod in `Init`).
+
+use crate::istio_settings::LiveConfig;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use podwire_core::inject::istio::kubelets_run_native_sidecars;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn name_and_version(n: Node) -> Option<(String, String)> {
+    let version = n
+        .status
+        .and_then(|s| s.node_info)
+        .map(|i| i.kubelet_version)
+        .unwrap_or_default();
+    Some((n.metadata.name?, version))
+}
+
+/// Apply what `nodes` say to `live`, saying so when it changes the layout.
+fn apply(nodes: &HashMap<String, String>, live: &LiveConfig, last: &mut Option<bool>) {
+    let verdict = kubelets_run_native_sidecars(nodes.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    let native = verdict.is_ok();
+    if *last == Some(native) {
+        return;
+    }
+    match live.set_nodes_native(native) {
+        Ok(()) => {
+            *last = Some(native);
+            match verdict {
+                Ok(n) => tracing::info!(
+                    nodes = n,
+                    "ENABLE_NATIVE_SIDECARS=auto: native sidecars (every kubelet is 1.33 or newer)"
+                ),
+                Err(why) => tracing::info!(
+                    "ENABLE_NATIVE_SIDECARS=auto: classic sidecars in containers, because {why}"
+                ),
+            }
+        }
+        Err(e) => tracing::warn!("applying the nodes' sidecar layout failed: {e}"),
+    }
+}
+
+/// Keep `live`'s `auto` layout in step with the cluster's nodes until the task is dropped;
+/// `synced` is set after the first complete list. The watcher re-lists by itself after
+/// `410 Gone` or a broken connection (with back-off).
+pub async fn watch(client: Client, live: Arc<LiveConfig>, synced: Arc<AtomicBool>) {
+    let api: Api<Node> = Api::all(client);
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let (mut nodes, mut init) = (HashMap::new(), HashMap::new());
+    let mut last = None;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Init) => init.clear(),
+            Ok(Event::InitApply(n)) => {
+                if let Some((name, v)) = name_and_version(n) {
+                    init.insert(name, v);
+                }
+            }
+            Ok(Event::InitDone) => {
+                nodes = std::mem::take(&mut init);
+                apply(&nodes, &live, &mut last);
+                if !synced.swap(true, Ordering::SeqCst) {
+                    tracing::info!(nodes = nodes.len(), "node watch synced");
+                }
+            }
+            Ok(Event::Apply(n)) => {
+                if let Some((name, v)) = name_and_version(n) {
+                    nodes.insert(name, v);
+                    apply(&nodes, &live, &mut last);
+                }
+            }
+            Ok(Event::Delete(n)) => {
+                if let Some(name) = n.metadata.name {
+                    nodes.remove(&name);
+                    apply(&nodes, &live, &mut last);
+                }
+            }
+            Err(e) => tracing::warn!(
+                "node watch failed (the sidecar layout for ENABLE_NATIVE_SIDECARS=auto may be \
+                 stale; retrying; needs list and watch on nodes): {e}"
+            ),
+        }
+    }
+}
