@@ -502,13 +502,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let nodes_synced = match (&client, args.no_node_watch) {
         (Some(client), false) => {
-            let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let state = Arc::new(podwire_injector::nodes::NodeWatch::default());
             tasks.push(tokio::spawn(podwire_injector::nodes::watch(
                 client.clone(),
                 live.clone(),
-                synced.clone(),
+                state.clone(),
             )));
-            Some(synced)
+            Some(state)
         }
         _ => None,
     };
@@ -540,7 +540,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config: live,
         profile,
         namespaces: ns_labels,
-        nodes_synced,
+        nodes: nodes_synced,
         metrics,
         certs,
         limits: serve::Limits {

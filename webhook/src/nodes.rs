@@ -1,7 +1,7 @@
 //! Istio's `ENABLE_NATIVE_SIDECARS=auto` resolved as istiod resolves it: native sidecars only
-//! while every node's kubelet is 1.33 or newer, from a watch of the cluster's nodes. A node
-//! joining with an older kubelet switches new pods to the classic layout at once (its kubelet
-//! would hold a native sidecar's pod in `Init`).
+//! while every node's kubelet is 1.33 or newer (where they are GA), from a watch of the
+//! cluster's nodes. A node joining with an older kubelet switches new pods to the classic
+//! layout at once.
 
 use crate::istio_settings::LiveConfig;
 use futures::StreamExt;
@@ -12,7 +12,38 @@ use kube::{Api, Client};
 use podwire_core::inject::istio::kubelets_run_native_sidecars;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Where the node watch is, for readiness.
+#[derive(Debug, Default)]
+pub struct NodeWatch {
+    /// The first complete list has been read.
+    pub synced: AtomicBool,
+    /// The last failure, while it has not recovered.
+    error: Mutex<Option<String>>,
+}
+
+impl NodeWatch {
+    /// Why the watch is not synced yet, if it is not.
+    pub fn not_synced(&self) -> Option<String> {
+        if self.synced.load(Ordering::SeqCst) {
+            return None;
+        }
+        let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(match error {
+            None => "the node watch has not completed its first list yet".into(),
+            Some(e) => format!(
+                "the node watch has not completed its first list yet: {e} (the injector needs \
+                 list and watch on nodes for ENABLE_NATIVE_SIDECARS=auto; or run with \
+                 --no-node-watch)"
+            ),
+        })
+    }
+
+    fn failed(&self, e: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+}
 
 fn name_and_version(n: Node) -> Option<(String, String)> {
     let version = n
@@ -48,13 +79,14 @@ fn apply(nodes: &HashMap<String, String>, live: &LiveConfig, last: &mut Option<b
 }
 
 /// Keep `live`'s `auto` layout in step with the cluster's nodes until the task is dropped;
-/// `synced` is set after the first complete list. The watcher re-lists by itself after
+/// `state.synced` is set after the first complete list. The watcher re-lists by itself after
 /// `410 Gone` or a broken connection (with back-off).
-pub async fn watch(client: Client, live: Arc<LiveConfig>, synced: Arc<AtomicBool>) {
+pub async fn watch(client: Client, live: Arc<LiveConfig>, state: Arc<NodeWatch>) {
     let api: Api<Node> = Api::all(client);
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    // Small pages: a Node is large (images, conditions) and only its kubelet version is kept;
+    // listing 500 at once would hold megabytes outside the request memory budget.
+    let config = watcher::Config::default().page_size(50);
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let (mut nodes, mut init) = (HashMap::new(), HashMap::new());
     let mut last = None;
     while let Some(ev) = stream.next().await {
@@ -68,7 +100,8 @@ pub async fn watch(client: Client, live: Arc<LiveConfig>, synced: Arc<AtomicBool
             Ok(Event::InitDone) => {
                 nodes = std::mem::take(&mut init);
                 apply(&nodes, &live, &mut last);
-                if !synced.swap(true, Ordering::SeqCst) {
+                state.failed(None);
+                if !state.synced.swap(true, Ordering::SeqCst) {
                     tracing::info!(nodes = nodes.len(), "node watch synced");
                 }
             }
@@ -84,10 +117,13 @@ pub async fn watch(client: Client, live: Arc<LiveConfig>, synced: Arc<AtomicBool
                     apply(&nodes, &live, &mut last);
                 }
             }
-            Err(e) => tracing::warn!(
-                "node watch failed (the sidecar layout for ENABLE_NATIVE_SIDECARS=auto may be \
-                 stale; retrying; needs list and watch on nodes): {e}"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    "node watch failed (the sidecar layout for ENABLE_NATIVE_SIDECARS=auto may \
+                     be stale; retrying; needs list and watch on nodes): {e}"
+                );
+                state.failed(Some(e.to_string()));
+            }
         }
     }
 }

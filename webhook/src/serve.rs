@@ -143,9 +143,8 @@ pub struct State {
     pub profile: MeshProfile,
     /// The namespace watch, when there is one.
     pub namespaces: Option<Arc<NamespaceLabels>>,
-    /// The node watch's first list is in, when there is one (it decides
-    /// `ENABLE_NATIVE_SIDECARS=auto`).
-    pub nodes_synced: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The node watch, when there is one (it decides `ENABLE_NATIVE_SIDECARS=auto`).
+    pub nodes: Option<Arc<crate::nodes::NodeWatch>>,
     pub metrics: Arc<Metrics>,
     pub certs: Arc<CertStore>,
     pub limits: Limits,
@@ -168,10 +167,11 @@ impl State {
             }
             _ => {}
         }
-        match &self.nodes_synced {
-            Some(s) if !s.load(Ordering::SeqCst) => {
-                Some("the node watch has not completed its first list yet".into())
-            }
+        // Only `auto` waits for the nodes (before their verdict the settings still say auto).
+        let auto = self.config.get().resolved.as_ref().map(|r| r.native)
+            == Some(podwire_core::inject::istio::NativeMode::Auto);
+        match &self.nodes {
+            Some(n) if auto => n.not_synced(),
             _ => None,
         }
     }

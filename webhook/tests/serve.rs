@@ -848,9 +848,9 @@ fn layout(answer: &Value) -> &'static str {
 }
 
 /// Istio's default `ENABLE_NATIVE_SIDECARS=auto`, as istiod applies it: native sidecars while
-/// every node's kubelet is 1.33 or newer, classic ones as soon as an older kubelet (or one
-/// that reports no readable version) joins, native again once it leaves; the change is the
-/// node watch's, with no restart. Ready only after the nodes' first list.
+/// every node's kubelet is 1.33 or newer, classic ones while an older kubelet (or one that
+/// reports no readable version) is in the cluster; the change is the node watch's, with no
+/// restart. Ready only after the nodes' first list: the first answer already knows them.
 #[test]
 fn auto_native_sidecars_follow_the_nodes_kubelets() {
     let api = ApiServer::start().expect("api");
@@ -863,6 +863,7 @@ fn auto_native_sidecars_follow_the_nodes_kubelets() {
     };
     node("new-1", "v1.33.2");
     node("new-2", "v1.34.0-eks-2b1f");
+    node("old-1", "v1.32.4");
     let dir = tempfile::tempdir().expect("tmp");
     api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
         .expect("kubeconfig");
@@ -883,23 +884,16 @@ fn auto_native_sidecars_follow_the_nodes_kubelets() {
         let (_, b) = post(&agent, &inj.url("/inject"), &body).expect("review");
         serde_json::from_str(&b).expect("JSON")
     };
-    assert_eq!(layout(&answer()), "native");
-    assert_eq!(answer(), offline_review_of(&body, &[]), "native as offline");
-    node("old-1", "v1.32.4");
-    eventually(
-        "classic with a 1.32 kubelet",
-        Duration::from_secs(10),
-        || layout(&answer()) == "classic",
-    );
-    assert!(
-        inj.log().contains("node old-1 runs kubelet v1.32.4"),
-        "{}",
-        inj.log()
-    );
+    // Ready means the nodes are known: classic from the first answer on.
+    assert_eq!(layout(&answer()), "classic");
+    eventually("the log names the node", Duration::from_secs(10), || {
+        inj.log().contains("node old-1 runs kubelet v1.32.4")
+    });
     api.delete("/api/v1/nodes/old-1");
     eventually("native once it left", Duration::from_secs(10), || {
         layout(&answer()) == "native"
     });
+    assert_eq!(answer(), offline_review_of(&body, &[]), "native as offline");
     node("odd-1", "");
     eventually(
         "classic with an unreadable version",
@@ -907,4 +901,31 @@ fn auto_native_sidecars_follow_the_nodes_kubelets() {
         || layout(&answer()) == "classic",
     );
     assert!(api.count("GET", "/api/v1/nodes") >= 2, "list + watch");
+}
+
+/// Without list and watch on nodes, `auto` cannot be decided: not ready, and `/readyz` says
+/// what is missing.
+#[test]
+fn a_forbidden_node_watch_keeps_the_injector_unready_and_says_why() {
+    let api = ApiServer::start().expect("api");
+    api.forbid("/api/v1/nodes");
+    let dir = tempfile::tempdir().expect("tmp");
+    api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
+        .expect("kubeconfig");
+    let kubeconfig = dir.path().join("kubeconfig").display().to_string();
+    let (inj, agent, _) = serving(
+        dir.path(),
+        &fixture("config.yaml"),
+        &[],
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    eventually(
+        "readyz names the node watch's failure",
+        Duration::from_secs(20),
+        || {
+            get(&agent, &inj.url("/readyz")).is_ok_and(|(c, b)| {
+                c == 503 && b.contains("node watch") && b.contains("--no-node-watch")
+            })
+        },
+    );
 }

@@ -68,6 +68,7 @@ pub fn agent_needs(repair: Repair) -> Vec<Need> {
 /// install/base/injector-rbac.yaml.
 pub fn injector_needs() -> Vec<Need> {
     let mut n = need("", "namespaces", &["get", "list", "watch"], None, None);
+    n.extend(need("", "nodes", &["get", "list", "watch"], None, None));
     n.extend(need(
         "admissionregistration.k8s.io",
         "mutatingwebhookconfigurations",
@@ -249,8 +250,8 @@ mod tests {
         let m = missing(&here, SYSTEM_NS, "podwire-injector", &injector_needs());
         assert_eq!(
             m.len(),
-            7,
-            "namespaces x3, mutatingwebhookconfigurations x4: {m:?}"
+            10,
+            "namespaces x3, nodes x3, mutatingwebhookconfigurations x4: {m:?}"
         );
         // Cluster-wide through the service-account group.
         let group = rbac(json!({"cr": [everything],

@@ -81,22 +81,34 @@ pub enum NativeMode {
 /// there, KEP-753).
 pub const NATIVE_SIDECAR_MIN_MINOR: u64 = 33;
 
+/// The minor version istiod reads from a kubelet version (hashicorp/go-version: one optional
+/// `v`, dot-separated numbers, then the end, a pre-release or build part; missing segments are
+/// 0; the major is not looked at).
+fn kubelet_minor(version: &str) -> Option<u64> {
+    let v = version.strip_prefix('v').unwrap_or(version);
+    let end = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (numbers, rest) = v.split_at(end);
+    let tail_ok = rest.is_empty()
+        || rest.starts_with(['-', '+'])
+        || rest.starts_with(|c: char| c.is_ascii_alphabetic());
+    let segments: Vec<&str> = numbers.split('.').collect();
+    if !tail_ok || segments.iter().any(|s| s.parse::<u64>().is_err()) {
+        return None;
+    }
+    segments.get(1).map_or(Some(0), |m| m.parse().ok())
+}
+
 /// Istio's `auto` rule: native sidecars only when there is a node and every node's kubelet
 /// version (`status.nodeInfo.kubeletVersion`, e.g. `v1.33.2-eks-1`) is readable and at least
-/// 1.33, so that a cluster mid-upgrade never gets pods its older kubelets would hold in `Init`.
-/// On failure, the first node that decided it, with why.
+/// 1.33 (GA there), as istiod decides. On failure, the first node that decided it, with why.
 pub fn kubelets_run_native_sidecars<'a>(
     nodes: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<usize, String> {
     let mut count = 0;
     for (node, version) in nodes {
-        let v = version.trim().trim_start_matches('v');
-        let mut parts = v.split(['.', '-', '+']);
-        let minor = match (parts.next(), parts.next()) {
-            (Some("1"), Some(m)) => m.parse::<u64>().ok(),
-            _ => None,
-        };
-        match minor {
+        match kubelet_minor(version) {
             Some(m) if m >= NATIVE_SIDECAR_MIN_MINOR => count += 1,
             Some(_) => {
                 return Err(format!(
@@ -2461,6 +2473,22 @@ mod tests {
         assert!(odd.is_err_and(|e| e.contains("node c")));
         assert!(kubelets_run_native_sidecars([("d", "v2.0.0")]).is_err());
         assert!(kubelets_run_native_sidecars([]).is_err());
+        // Read as istiod's go-version reads them.
+        for (v, minor) in [
+            ("v1.33.0-gke.1200", Some(33)),
+            ("1.33", Some(33)),
+            ("v1.33+meta", Some(33)),
+            ("1.33rc1", Some(33)),
+            ("1-33", Some(0)),
+            ("1+33", Some(0)),
+            ("1", Some(0)),
+            ("vv1.33", None),
+            (" v1.33.0", None),
+            ("v1.33.", None),
+            ("", None),
+        ] {
+            assert_eq!(kubelet_minor(v), minor, "{v:?}");
+        }
     }
 
     #[test]
