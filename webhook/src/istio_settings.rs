@@ -79,15 +79,8 @@ impl LiveConfig {
             IstioSetting::Values => values = Some(value),
             IstioSetting::Mesh => mesh = Some(value),
         }
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        file.nodes_native = self.nodes_native();
-        let merged = with_istio_settings(
-            file,
-            values.clone(),
-            mesh.clone(),
-            &self.origin,
-            &self.profile,
-        )?;
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let merged = self.merged(file, values.clone(), mesh.clone(), self.nodes_native())?;
         *istio = (values, mesh);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(())
@@ -95,6 +88,18 @@ impl LiveConfig {
 
     fn nodes_native(&self) -> Option<bool> {
         *self.nodes_native.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The config file's `config` over Istio's settings, with the nodes' verdict.
+    fn merged(
+        &self,
+        mut config: InjectorConfig,
+        values: Option<Value>,
+        mesh: Option<Value>,
+        nodes_native: Option<bool>,
+    ) -> Result<InjectorConfig, Error> {
+        config.nodes_native = nodes_native;
+        with_istio_settings(config, values, mesh, &self.origin, &self.profile)
     }
 
     /// What `ENABLE_NATIVE_SIDECARS=auto` means now (from the node watch); the config is
@@ -107,10 +112,8 @@ impl LiveConfig {
         if *nodes == Some(native) {
             return Ok(());
         }
-        let mut cfg = file.clone();
-        cfg.nodes_native = Some(native);
         let (values, mesh) = istio.clone();
-        let merged = with_istio_settings(cfg, values, mesh, &self.origin, &self.profile)?;
+        let merged = self.merged(file.clone(), values, mesh, Some(native))?;
         *nodes = Some(native);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(())
@@ -126,9 +129,7 @@ impl LiveConfig {
             return Ok(false);
         }
         let (values, mesh) = istio.clone();
-        let mut with_nodes = config.clone();
-        with_nodes.nodes_native = self.nodes_native();
-        let merged = with_istio_settings(with_nodes, values, mesh, &self.origin, &self.profile)?;
+        let merged = self.merged(config.clone(), values, mesh, self.nodes_native())?;
         *file = config;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(true)

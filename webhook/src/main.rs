@@ -500,7 +500,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let nodes_synced = match (&client, args.no_node_watch) {
+    let node_watch = match (&client, args.no_node_watch) {
         (Some(client), false) => {
             let state = Arc::new(podwire_injector::nodes::NodeWatch::default());
             tasks.push(tokio::spawn(podwire_injector::nodes::watch(
@@ -512,9 +512,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let auto = live.get().resolved.as_ref().map(|r| r.native)
-        == Some(podwire_core::inject::istio::NativeMode::Auto);
-    if nodes_synced.is_none() && auto {
+    if node_watch.is_none() && live.get().native_is_auto() {
         tracing::info!(
             "ENABLE_NATIVE_SIDECARS=auto is taken as native sidecars: nodes are not watched \
              (every kubelet must be 1.33 or newer)"
@@ -540,7 +538,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config: live,
         profile,
         namespaces: ns_labels,
-        nodes: nodes_synced,
+        nodes: node_watch,
         metrics,
         certs,
         limits: serve::Limits {

@@ -168,10 +168,8 @@ impl State {
             _ => {}
         }
         // Only `auto` waits for the nodes (before their verdict the settings still say auto).
-        let auto = self.config.get().resolved.as_ref().map(|r| r.native)
-            == Some(podwire_core::inject::istio::NativeMode::Auto);
         match &self.nodes {
-            Some(n) if auto => n.not_synced(),
+            Some(n) if self.config.get().native_is_auto() => n.not_synced(),
             _ => None,
         }
     }
@@ -522,13 +520,18 @@ impl Activity {
         self.busy.load(Ordering::SeqCst) == 0 && self.last().elapsed() >= idle
     }
 
-    /// When to look again whether the connection has been idle for `idle`.
-    fn next_check(&self, idle: Duration) -> tokio::time::Instant {
-        if self.busy.load(Ordering::SeqCst) > 0 {
+    /// Until it is time to look again whether the connection has been idle for `idle`;
+    /// never, for a connection whose activity is not followed.
+    async fn next_check(activity: Option<&Self>, idle: Duration) {
+        let Some(a) = activity else {
+            return std::future::pending().await;
+        };
+        let at = if a.busy.load(Ordering::SeqCst) > 0 {
             tokio::time::Instant::now() + idle
         } else {
-            self.last() + idle
-        }
+            a.last() + idle
+        };
+        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -608,17 +611,19 @@ pub async fn serve(
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let st = state.clone();
-                    let activity = Arc::new(Activity::new());
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    // Only HTTP/2 needs to know when the connection went idle: HTTP/1.1's
+                    // header read timeout closes an idle one by itself.
+                    let activity = h2.then(|| Arc::new(Activity::new()));
                     let act = activity.clone();
                     let svc = service_fn(move |req| {
-                        let (st, busy) = (st.clone(), act.begin());
+                        let (st, busy) = (st.clone(), act.as_ref().map(Activity::begin));
                         async move {
                             let r = handle(st, req).await;
                             drop(busy);
                             r
                         }
                     });
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let _open = state.metrics.connection(if h2 {
                         Protocol::Http2
                     } else {
@@ -634,10 +639,10 @@ pub async fn serve(
                                 conn.as_mut().graceful_shutdown();
                                 break conn.as_mut().await;
                             }
-                            // HTTP/1.1's header read timeout closes an idle connection; an
-                            // HTTP/2 one is closed here (GOAWAY) after as long without a stream.
-                            _ = tokio::time::sleep_until(activity.next_check(timeout)), if h2 => {
-                                if activity.idle_for(timeout) {
+                            // An idle HTTP/2 connection is closed here (GOAWAY) after as long
+                            // without a stream as HTTP/1.1 waits for a request's headers.
+                            _ = Activity::next_check(activity.as_deref(), timeout) => {
+                                if activity.as_ref().is_some_and(|a| a.idle_for(timeout)) {
                                     tracing::debug!(%peer, "closing an idle HTTP/2 connection");
                                     conn.as_mut().graceful_shutdown();
                                     break conn.as_mut().await;

@@ -231,6 +231,12 @@ impl InjectorConfig {
         .map(std::sync::Arc::new)
     }
 
+    /// Whether the sidecar layout is Istio's `auto` with no node verdict applied (before
+    /// [`InjectorConfig::prepared`], or without a node watch).
+    pub fn native_is_auto(&self) -> bool {
+        self.resolved.as_ref().map(|r| r.native) == Some(super::istio::NativeMode::Auto)
+    }
+
     /// The config with Istio's settings resolved once (call after changing `values`/`mesh`).
     pub fn prepared(mut self) -> Result<Self> {
         self.resolved = None;
