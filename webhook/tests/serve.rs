@@ -71,15 +71,68 @@ fn serving(
     (start_with(config, &args, env), client(&ca), ca)
 }
 
+/// [`serving`] with the fixture config and no cluster (`--no-namespace-watch`), plus `extra`.
+fn serving_offline(dir: &std::path::Path, extra: &[&str]) -> (Injector, ureq::Agent, String) {
+    let mut args = vec!["--no-namespace-watch"];
+    args.extend(extra);
+    serving(dir, &fixture("config.yaml"), &args, &[])
+}
+
+/// [`serving`] with the fixture config, talking to `api` through a kubeconfig in `dir`.
+fn serving_with_api(
+    dir: &std::path::Path,
+    api: &ApiServer,
+    extra: &[&str],
+) -> (Injector, ureq::Agent, String) {
+    let path = dir.join("kubeconfig");
+    api.write_kubeconfig(&path, &api.token).expect("kubeconfig");
+    let kubeconfig = path.display().to_string();
+    serving(
+        dir,
+        &fixture("config.yaml"),
+        extra,
+        &[("KUBECONFIG", &kubeconfig)],
+    )
+}
+
+/// An HTTP/2 connection to the injector at `addr` (ALPN `h2`, trusting only `ca`).
+async fn h2_connect<B>(
+    addr: std::net::SocketAddr,
+    ca: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    hyper::client::conn::http2::Connection<
+        hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        B,
+        hyper_util::rt::TokioExecutor,
+    >,
+)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut tls = (*tls_config(ca)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake")
+}
+
 #[test]
 fn https_answers_equal_the_offline_review_for_every_fixture() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, agent, _) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-namespace-watch"],
-        &[],
-    );
+    let (inj, agent, _) = serving_offline(dir.path(), &[]);
     for name in FIXTURES {
         let (code, body) = post(&agent, &inj.url("/inject"), &fixture_bytes(name)).expect(name);
         assert_eq!(code, 200, "{name}: {body}");
@@ -147,17 +200,9 @@ fn https_answers_equal_the_offline_review_for_every_fixture() {
 #[test]
 fn bad_requests_get_clean_answers_never_500() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, agent, ca) = serving(
+    let (inj, agent, ca) = serving_offline(
         dir.path(),
-        &fixture("config.yaml"),
-        &[
-            "--no-namespace-watch",
-            "--max-body-bytes",
-            "8192",
-            "--request-timeout",
-            "1s",
-        ],
-        &[],
+        &["--max-body-bytes", "8192", "--request-timeout", "1s"],
     );
     let url = inj.url("/inject");
 
@@ -230,12 +275,7 @@ fn bad_requests_get_clean_answers_never_500() {
 #[test]
 fn health_readiness_metrics_and_dry_run() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, agent, _) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-namespace-watch"],
-        &[],
-    );
+    let (inj, agent, _) = serving_offline(dir.path(), &[]);
     assert_eq!(
         get(&agent, &inj.url("/healthz")).expect("healthz"),
         (200, "ok\n".into())
@@ -292,12 +332,7 @@ fn health_readiness_metrics_and_dry_run() {
 #[test]
 fn cert_files_are_reloaded_without_dropping_connections() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, old, ca1) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-namespace-watch"],
-        &[],
-    );
+    let (inj, old, ca1) = serving_offline(dir.path(), &[]);
     let body = fixture_bytes("controller-pod.json");
     assert_eq!(
         post(&old, &inj.url("/inject"), &body).expect("first").0,
@@ -360,15 +395,7 @@ fn namespace_labels_come_from_a_watch_and_match_review() {
     ns("legacy", json!({"istio-injection": "enabled"}));
     ns("kube-system", json!({}));
     let dir = tempfile::tempdir().expect("tmp");
-    api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
-        .expect("kubeconfig");
-    let kubeconfig = dir.path().join("kubeconfig").display().to_string();
-    let (inj, agent, _) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-node-watch"],
-        &[("KUBECONFIG", &kubeconfig)],
-    );
+    let (inj, agent, _) = serving_with_api(dir.path(), &api, &["--no-node-watch"]);
     eventually(
         "ready once the namespace watch synced",
         Duration::from_secs(20),
@@ -516,12 +543,7 @@ fn config_file_changes_apply_without_a_restart() {
 fn http2_streams_on_one_connection_are_answered_as_over_http1() {
     let curl = which("curl");
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, _, ca) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-namespace-watch"],
-        &[],
-    );
+    let (inj, _, ca) = serving_offline(dir.path(), &[]);
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca).expect("ca");
     // Distinct pods (each rendered), a refusal and an unreadable review.
@@ -601,16 +623,10 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::Frame;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::io::Write as _;
 
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, agent, ca) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-namespace-watch"],
-        &[],
-    );
+    let (inj, agent, ca) = serving_offline(dir.path(), &[]);
     let body = fixture_bytes("controller-pod.json");
     let want = offline_review_of(&body, &[]);
     let (head, tail) = body.split_at(body.len() / 2);
@@ -633,22 +649,10 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut tls = (*tls_config(&ca)).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
     let (addr, url) = (inj.addr, inj.url("/inject"));
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
     let (answer, closed, keep) = rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .expect("TLS");
-        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .expect("HTTP/2 handshake");
+        let (mut send, conn) = h2_connect(addr, &ca).await;
         let closed = tokio::spawn(conn);
         // Held until the end: the client never closes the connection itself.
         let keep = send.clone();
@@ -730,17 +734,8 @@ fn sigterm_answers_reviews_in_flight_over_http1_and_http2() {
 /// (GOAWAY), as HTTP/1.1's header read timeout closes an idle one.
 #[test]
 fn idle_http2_connections_are_closed() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, agent, ca) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &["--no-namespace-watch", "--request-timeout", "1s"],
-        &[],
-    );
-    let mut tls = (*tls_config(&ca)).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (inj, agent, ca) = serving_offline(dir.path(), &["--request-timeout", "1s"]);
     let (addr, url) = (inj.addr, inj.url("/healthz"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -748,18 +743,7 @@ fn idle_http2_connections_are_closed() {
         .expect("runtime");
     let started = std::time::Instant::now();
     let (closed, send) = rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .expect("TLS");
-        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
-            TokioExecutor::new(),
-            TokioIo::new(stream),
-        )
-        .await
-        .expect("HTTP/2 handshake");
+        let (mut send, conn) = h2_connect::<String>(addr, &ca).await;
         let closed = tokio::spawn(conn);
         let resp = send
             .send_request(hyper::Request::get(url).body(String::new()).expect("req"))
@@ -789,17 +773,9 @@ fn idle_http2_connections_are_closed() {
 #[test]
 fn connections_past_the_cap_wait_for_a_free_slot() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (inj, _, ca) = serving(
+    let (inj, _, ca) = serving_offline(
         dir.path(),
-        &fixture("config.yaml"),
-        &[
-            "--no-namespace-watch",
-            "--max-connections",
-            "1",
-            "--request-timeout",
-            "30s",
-        ],
-        &[],
+        &["--max-connections", "1", "--request-timeout", "30s"],
     );
     const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: injector\r\n\r\n";
     let mut first = raw_tls(inj.addr, &ca);
@@ -865,15 +841,7 @@ fn auto_native_sidecars_follow_the_nodes_kubelets() {
     node("new-2", "v1.34.0-eks-2b1f");
     node("old-1", "v1.32.4");
     let dir = tempfile::tempdir().expect("tmp");
-    api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
-        .expect("kubeconfig");
-    let kubeconfig = dir.path().join("kubeconfig").display().to_string();
-    let (inj, agent, _) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &[],
-        &[("KUBECONFIG", &kubeconfig)],
-    );
+    let (inj, agent, _) = serving_with_api(dir.path(), &api, &[]);
     eventually(
         "ready once the node watch synced",
         Duration::from_secs(20),
@@ -910,15 +878,7 @@ fn a_forbidden_node_watch_keeps_the_injector_unready_and_says_why() {
     let api = ApiServer::start().expect("api");
     api.forbid("/api/v1/nodes");
     let dir = tempfile::tempdir().expect("tmp");
-    api.write_kubeconfig(&dir.path().join("kubeconfig"), &api.token)
-        .expect("kubeconfig");
-    let kubeconfig = dir.path().join("kubeconfig").display().to_string();
-    let (inj, agent, _) = serving(
-        dir.path(),
-        &fixture("config.yaml"),
-        &[],
-        &[("KUBECONFIG", &kubeconfig)],
-    );
+    let (inj, agent, _) = serving_with_api(dir.path(), &api, &[]);
     eventually(
         "readyz names the node watch's failure",
         Duration::from_secs(20),
