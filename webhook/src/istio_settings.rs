@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
+use podwire_core::inject::istio::NodeSidecars;
 use podwire_core::inject::InjectorConfig;
 use podwire_core::MeshProfile;
 use serde_json::Value;
@@ -26,7 +27,7 @@ pub struct LiveConfig {
     profile: MeshProfile,
     istio: Mutex<(Option<Value>, Option<Value>)>,
     /// `ENABLE_NATIVE_SIDECARS=auto` as the node watch resolved it.
-    nodes_native: Mutex<Option<bool>>,
+    nodes: Mutex<Option<Arc<NodeSidecars>>>,
 }
 
 impl LiveConfig {
@@ -38,7 +39,7 @@ impl LiveConfig {
             origin: String::new(),
             profile,
             istio: Mutex::new((None, None)),
-            nodes_native: Mutex::new(None),
+            nodes: Mutex::new(None),
         }
     }
 
@@ -58,7 +59,7 @@ impl LiveConfig {
             origin: origin.to_string(),
             profile,
             istio: Mutex::new((values, mesh)),
-            nodes_native: Mutex::new(None),
+            nodes: Mutex::new(None),
         })
     }
 
@@ -80,14 +81,14 @@ impl LiveConfig {
             IstioSetting::Mesh => mesh = Some(value),
         }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let merged = self.merged(file, values.clone(), mesh.clone(), self.nodes_native())?;
+        let merged = self.merged(file, values.clone(), mesh.clone(), self.nodes())?;
         *istio = (values, mesh);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(())
     }
 
-    fn nodes_native(&self) -> Option<bool> {
-        *self.nodes_native.lock().unwrap_or_else(|p| p.into_inner())
+    fn nodes(&self) -> Option<Arc<NodeSidecars>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The config file's `config` over Istio's settings, with the nodes' verdict.
@@ -96,25 +97,26 @@ impl LiveConfig {
         mut config: InjectorConfig,
         values: Option<Value>,
         mesh: Option<Value>,
-        nodes_native: Option<bool>,
+        nodes: Option<Arc<NodeSidecars>>,
     ) -> Result<InjectorConfig, Error> {
-        config.nodes_native = nodes_native;
+        config.nodes = nodes;
         with_istio_settings(config, values, mesh, &self.origin, &self.profile)
     }
 
     /// What `ENABLE_NATIVE_SIDECARS=auto` means now (from the node watch); the config is
     /// rebuilt when it changes.
-    pub fn set_nodes_native(&self, native: bool) -> Result<(), Error> {
+    pub fn set_nodes(&self, now: NodeSidecars) -> Result<(), Error> {
         // Same lock order as `update`: Istio's settings, then the file, then this.
         let istio = self.istio.lock().unwrap_or_else(|p| p.into_inner());
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let mut nodes = self.nodes_native.lock().unwrap_or_else(|p| p.into_inner());
-        if *nodes == Some(native) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if nodes.as_deref() == Some(&now) {
             return Ok(());
         }
+        let now = Arc::new(now);
         let (values, mesh) = istio.clone();
-        let merged = self.merged(file.clone(), values, mesh, Some(native))?;
-        *nodes = Some(native);
+        let merged = self.merged(file.clone(), values, mesh, Some(now.clone()))?;
+        *nodes = Some(now);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(())
     }
@@ -129,7 +131,7 @@ impl LiveConfig {
             return Ok(false);
         }
         let (values, mesh) = istio.clone();
-        let merged = self.merged(config.clone(), values, mesh, self.nodes_native())?;
+        let merged = self.merged(config.clone(), values, mesh, self.nodes())?;
         *file = config;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
         Ok(true)

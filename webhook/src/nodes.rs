@@ -1,6 +1,7 @@
-//! Istio's `ENABLE_NATIVE_SIDECARS=auto` resolved as istiod resolves it: native sidecars only
-//! while every node's kubelet is 1.33 or newer (where they are GA), from a watch of the
-//! cluster's nodes. A node joining with an older kubelet switches new pods to the classic
+//! Istio's `ENABLE_NATIVE_SIDECARS=auto` resolved as istiod resolves it, from a watch of the
+//! cluster's nodes: native sidecars for a pod not yet bound to a node only while every node's
+//! kubelet is 1.33 or newer (where they are GA); a pod already bound to a node follows that
+//! node's kubelet. A node joining with an older kubelet switches new pods to the classic
 //! layout at once.
 
 use crate::istio_settings::LiveConfig;
@@ -9,7 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
-use podwire_core::inject::istio::kubelets_run_native_sidecars;
+use podwire_core::inject::istio::NodeSidecars;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,27 +55,29 @@ fn name_and_version(n: Node) -> Option<(String, String)> {
     Some((n.metadata.name?, version))
 }
 
-/// Apply what `nodes` say to `live`, saying so when it changes the layout.
+/// Apply what `nodes` say to `live`, saying so when it changes the layout of pods not yet
+/// bound to a node (nearly all: the scheduler places a pod after admission).
 fn apply(nodes: &HashMap<String, String>, live: &LiveConfig, last: &mut Option<bool>) {
-    let verdict = kubelets_run_native_sidecars(nodes.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    let now = NodeSidecars::new(nodes.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    let verdict = now.for_any_node().clone();
+    if let Err(e) = live.set_nodes(now) {
+        tracing::warn!("applying the nodes' sidecar layout failed: {e}");
+        return;
+    }
     let native = verdict.is_ok();
     if *last == Some(native) {
         return;
     }
-    match live.set_nodes_native(native) {
-        Ok(()) => {
-            *last = Some(native);
-            match verdict {
-                Ok(n) => tracing::info!(
-                    nodes = n,
-                    "ENABLE_NATIVE_SIDECARS=auto: native sidecars (every kubelet is 1.33 or newer)"
-                ),
-                Err(why) => tracing::info!(
-                    "ENABLE_NATIVE_SIDECARS=auto: classic sidecars in containers, because {why}"
-                ),
-            }
-        }
-        Err(e) => tracing::warn!("applying the nodes' sidecar layout failed: {e}"),
+    *last = Some(native);
+    match verdict {
+        Ok(n) => tracing::info!(
+            nodes = n,
+            "ENABLE_NATIVE_SIDECARS=auto: native sidecars (every kubelet is 1.33 or newer)"
+        ),
+        Err(why) => tracing::info!(
+            "ENABLE_NATIVE_SIDECARS=auto: classic sidecars in containers, because {why} \
+             (a pod already bound to a node follows that node's kubelet)"
+        ),
     }
 }
 
@@ -106,9 +109,13 @@ pub async fn watch(client: Client, live: Arc<LiveConfig>, state: Arc<NodeWatch>)
                 }
             }
             Ok(Event::Apply(n)) => {
+                // A node's status is rewritten every few minutes; only a new node or another
+                // kubelet version can change a layout.
                 if let Some((name, v)) = name_and_version(n) {
-                    nodes.insert(name, v);
-                    apply(&nodes, &live, &mut last);
+                    if nodes.get(&name) != Some(&v) {
+                        nodes.insert(name, v);
+                        apply(&nodes, &live, &mut last);
+                    }
                 }
             }
             Ok(Event::Delete(n)) => {

@@ -825,8 +825,9 @@ fn layout(answer: &Value) -> &'static str {
 
 /// Istio's default `ENABLE_NATIVE_SIDECARS=auto`, as istiod applies it: native sidecars while
 /// every node's kubelet is 1.33 or newer, classic ones while an older kubelet (or one that
-/// reports no readable version) is in the cluster; the change is the node watch's, with no
-/// restart. Ready only after the nodes' first list: the first answer already knows them.
+/// reports no readable version) is in the cluster; a pod already bound to a node follows that
+/// node's kubelet. The change is the node watch's, with no restart. Ready only after the
+/// nodes' first list: the first answer already knows them.
 #[test]
 fn auto_native_sidecars_follow_the_nodes_kubelets() {
     let api = ApiServer::start().expect("api");
@@ -857,11 +858,32 @@ fn auto_native_sidecars_follow_the_nodes_kubelets() {
     eventually("the log names the node", Duration::from_secs(10), || {
         inj.log().contains("node old-1 runs kubelet v1.32.4")
     });
+    // A pod already bound to a node follows that node's kubelet; bound to a node the watch
+    // has not seen, it is decided on all of them.
+    let bound_to = |node: &str| -> &'static str {
+        let mut review: Value = serde_json::from_slice(&body).expect("fixture");
+        review["request"]["object"]["spec"]["nodeName"] = json!(node);
+        let bytes = serde_json::to_vec(&review).expect("JSON");
+        let (_, b) = post(&agent, &inj.url("/inject"), &bytes).expect("review");
+        layout(&serde_json::from_str(&b).expect("JSON"))
+    };
+    assert_eq!(bound_to("new-2"), "native");
+    assert_eq!(bound_to("old-1"), "classic");
+    assert_eq!(bound_to("not-seen"), "classic");
     api.delete("/api/v1/nodes/old-1");
     eventually("native once it left", Duration::from_secs(10), || {
         layout(&answer()) == "native"
     });
     assert_eq!(answer(), offline_review_of(&body, &[]), "native as offline");
+    node("old-2", "v1.31.0");
+    eventually("classic again", Duration::from_secs(10), || {
+        layout(&answer()) == "classic"
+    });
+    assert_eq!(bound_to("new-1"), "native");
+    api.delete("/api/v1/nodes/old-2");
+    eventually("native once it left", Duration::from_secs(10), || {
+        layout(&answer()) == "native"
+    });
     node("odd-1", "");
     eventually(
         "classic with an unreadable version",

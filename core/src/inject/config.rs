@@ -78,11 +78,11 @@ pub struct InjectorConfig {
     /// [`InjectorConfig::prepared`] for the default profile. Not part of the file.
     #[serde(skip)]
     pub render_inputs: Option<std::sync::Arc<super::patch::RenderInputs>>,
-    /// What Istio's `ENABLE_NATIVE_SIDECARS=auto` means in this cluster, from the webhook's
-    /// node watch ([`super::istio::kubelets_run_native_sidecars`]); `None` (offline, no
-    /// watch): native. Applied by [`InjectorConfig::prepared`]. Not part of the file.
+    /// What Istio's `ENABLE_NATIVE_SIDECARS=auto` means in this cluster, per pod, from the
+    /// webhook's node watch; `None` (offline, no watch): native. Applied by
+    /// [`InjectorConfig::prepared`]. Not part of the file.
     #[serde(skip)]
-    pub nodes_native: Option<bool>,
+    pub nodes: Option<std::sync::Arc<super::istio::NodeSidecars>>,
 }
 
 /// The default injection policy. Kept as written when unrecognized so messages can quote it.
@@ -234,7 +234,9 @@ impl InjectorConfig {
     /// Whether the sidecar layout is Istio's `auto` with no node verdict applied (before
     /// [`InjectorConfig::prepared`], or without a node watch).
     pub fn native_is_auto(&self) -> bool {
-        self.resolved.as_ref().map(|r| r.native) == Some(super::istio::NativeMode::Auto)
+        self.resolved
+            .as_ref()
+            .is_some_and(|r| r.native == super::istio::NativeMode::Auto && r.nodes.is_none())
     }
 
     /// The config with Istio's settings resolved once (call after changing `values`/`mesh`).
@@ -242,12 +244,8 @@ impl InjectorConfig {
         self.resolved = None;
         self.render_inputs = None;
         let mut r = self.istio()?;
-        if let (super::istio::NativeMode::Auto, Some(native)) = (r.native, self.nodes_native) {
-            std::sync::Arc::make_mut(&mut r).native = if native {
-                super::istio::NativeMode::Enabled
-            } else {
-                super::istio::NativeMode::Disabled
-            };
+        if r.native == super::istio::NativeMode::Auto && self.nodes.is_some() {
+            std::sync::Arc::make_mut(&mut r).nodes = self.nodes.clone();
         }
         self.resolved = Some(r);
         let inputs = super::patch::RenderInputs::new(&self, &MeshProfile::istio())?;

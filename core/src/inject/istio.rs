@@ -71,9 +71,9 @@ pub enum NativeMode {
     Enabled,
     /// `false`.
     Disabled,
-    /// `auto` (Istio's default): native when every node's kubelet is ≥ 1.33
-    /// ([`kubelets_run_native_sidecars`], the webhook's node watch); without node information
-    /// (offline, `--no-node-watch`) native (Kubernetes ≥ 1.33, where native sidecars are GA).
+    /// `auto` (Istio's default): decided by the nodes' kubelets ([`NodeSidecars`], the
+    /// webhook's node watch); without node information (offline, `--no-node-watch`) native
+    /// (Kubernetes ≥ 1.33, where native sidecars are GA).
     Auto,
 }
 
@@ -129,6 +129,50 @@ pub fn kubelets_run_native_sidecars<'a>(
     Ok(count)
 }
 
+/// Istio's `auto` as the cluster's nodes decide it, per pod: a pod already bound to a node
+/// (`spec.nodeName`) gets what that node's kubelet runs; any other pod (the usual case, the
+/// scheduler has not placed it yet) or one bound to a node not seen gets native sidecars only
+/// when every node's does ([`kubelets_run_native_sidecars`]). As istiod's `DetectNativeSidecar`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSidecars {
+    /// Per node: whether its kubelet runs native sidecars (1.33 or newer, readable).
+    per_node: std::collections::HashMap<String, bool>,
+    /// The verdict for every node: how many, or the first that decided against, with why.
+    all: Result<usize, String>,
+}
+
+impl NodeSidecars {
+    /// From the nodes' `(name, status.nodeInfo.kubeletVersion)`.
+    pub fn new<'a>(nodes: impl IntoIterator<Item = (&'a str, &'a str)> + Clone) -> Self {
+        NodeSidecars {
+            per_node: nodes
+                .clone()
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), runs_native_sidecars(v)))
+                .collect(),
+            all: kubelets_run_native_sidecars(nodes),
+        }
+    }
+
+    /// For a pod bound to `node` (its `spec.nodeName`, empty when not scheduled).
+    pub fn native_on(&self, node: &str) -> bool {
+        match self.per_node.get(node) {
+            Some(native) if !node.is_empty() => *native,
+            _ => self.all.is_ok(),
+        }
+    }
+
+    /// The verdict for a pod not bound to a node: how many nodes, or why not.
+    pub fn for_any_node(&self) -> &Result<usize, String> {
+        &self.all
+    }
+}
+
+/// Whether a kubelet of this version runs native sidecars as Istio's `auto` reads it.
+fn runs_native_sidecars(version: &str) -> bool {
+    kubelet_minor(version).is_some_and(|m| m >= NATIVE_SIDECAR_MIN_MINOR)
+}
+
 /// Every setting the template reads, checked once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -171,6 +215,9 @@ pub struct Resolved {
     pub cni_enabled: bool,
     pub revision: String,
     pub native: NativeMode,
+    /// What `auto` means per pod, once the webhook's node watch has said
+    /// ([`super::InjectorConfig::prepared`]); `None`: native.
+    pub nodes: Option<std::sync::Arc<NodeSidecars>>,
     pub rewrite_app_probe: bool,
     pub include_ip_ranges: String,
     pub exclude_ip_ranges: String,
@@ -424,6 +471,7 @@ impl IstioSettings<'_> {
             cni_enabled: v.b("pilot.cni.enabled", false)?,
             revision,
             native,
+            nodes: None,
             rewrite_app_probe: v.b("sidecarInjectorWebhook.rewriteAppHTTPProbe", true)?,
             include_ip_ranges: v.s("global.proxy.includeIPRanges", "*")?,
             exclude_ip_ranges: v.s("global.proxy.excludeIPRanges", "")?,
@@ -1339,7 +1387,17 @@ pub fn render(
     let native = !gateway
         && match native_ann {
             Some(n) => n,
-            None => s.native != NativeMode::Disabled,
+            None => match s.native {
+                NativeMode::Enabled => true,
+                NativeMode::Disabled => false,
+                NativeMode::Auto => s.nodes.as_ref().is_none_or(|n| {
+                    n.native_on(
+                        pod.pointer("/spec/nodeName")
+                            .and_then(Value::as_str)
+                            .unwrap_or(""),
+                    )
+                }),
+            },
         };
     let hold = (hold_pc || s.hold_values) && !native && !gateway;
     let status_port = status_port_ann
@@ -2461,6 +2519,27 @@ mod tests {
             let plugin: crate::pod::Container = serde_json::from_value(c).expect("container");
             prop_assert_eq!(read_as_plugin(&held), plugin);
         }
+    }
+
+    #[test]
+    fn a_pod_bound_to_a_node_follows_that_nodes_kubelet() {
+        let nodes = NodeSidecars::new([("new", "v1.33.1"), ("old", "v1.32.0"), ("odd", "x")]);
+        assert!(nodes.native_on("new"));
+        assert!(!nodes.native_on("old"));
+        assert!(!nodes.native_on("odd"), "unreadable: classic");
+        assert!(!nodes.native_on(""), "not scheduled: every node decides");
+        assert!(
+            !nodes.native_on("unseen"),
+            "unknown node: every node decides"
+        );
+        let all_new = NodeSidecars::new([("new", "v1.33.1"), ("newer", "v1.35.0")]);
+        assert!(all_new.native_on("") && all_new.native_on("unseen") && all_new.native_on("new"));
+        assert_eq!(all_new.for_any_node(), &Ok(2));
+        let none = NodeSidecars::new([]);
+        assert!(
+            !none.native_on("") && !none.native_on("a"),
+            "no node: classic"
+        );
     }
 
     #[test]
