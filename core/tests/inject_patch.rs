@@ -349,11 +349,34 @@ fn surprising_pods_get_warnings() {
     let p = MeshProfile::istio();
     let pod = json!({"metadata": {"name": "x", "annotations": {"sidecar.istio.io/interceptionMode": "TPROXY"}},
                      "spec": {"containers": [{"name": "app", "securityContext": {"runAsUser": 1337}}]}});
-    let plan = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
-    assert!(plan.patch.is_ok());
-    let w = plan.decision.warnings.join("\n");
+    let planned = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+    assert!(planned.patch.is_ok());
+    let w = planned.decision.warnings.join("\n");
     assert!(w.contains("only programs REDIRECT"), "{w}");
+    assert!(w.contains("from the pod's annotation"), "{w}");
     assert!(w.contains("container app runs as uid 1337"), "{w}");
+    // The mode as rendered, wherever it came from: the pod's ProxyConfig, the mesh's.
+    let pod = json!({"metadata": {"name": "x", "annotations": {"proxy.istio.io/config": "interceptionMode: TPROXY"}},
+                     "spec": {"containers": [{"name": "app"}]}});
+    let planned = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+    let w = planned.decision.warnings.join("\n");
+    assert!(w.contains("\"TPROXY\" (from ProxyConfig"), "{w}");
+    let mut cfg = InjectorConfig {
+        mesh: json!({"defaultConfig": {"interceptionMode": "NONE"}}),
+        ..Default::default()
+    };
+    cfg = cfg.prepared().expect("config");
+    let pod = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "app"}]}});
+    let planned = plan(&pod, None, None, &cfg, &p).expect("readable");
+    let w = planned.decision.warnings.join("\n");
+    assert!(w.contains("\"NONE\" (from ProxyConfig"), "{w}");
+    // REDIRECT, the default, is not worth a word.
+    let planned = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+    assert!(
+        !planned.decision.warnings.join("\n").contains("REDIRECT"),
+        "{:?}",
+        planned.decision.warnings
+    );
 }
 
 #[test]

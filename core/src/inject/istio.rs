@@ -1906,6 +1906,20 @@ pub fn render(
     // What the CNI plugin reads (Istio's istio-cni annotations; podwire-cni is the CNI).
     // A gateway is not redirected: the gateway template writes none.
     if !gateway {
+        // Said for the mode as rendered, wherever it came from (the pod's annotation, its
+        // proxy.istio.io/config, the mesh's defaultConfig): the pod is admitted as Istio
+        // admits it, but nothing will capture its traffic.
+        if interception != "REDIRECT" {
+            warnings.push(format!(
+                "sidecar.istio.io/interceptionMode is {interception:?} ({}): podwire-cni only \
+                 programs REDIRECT, so this pod's traffic will not reach the proxy",
+                if ann(a, "sidecar.istio.io/interceptionMode").is_some() {
+                    "from the pod's annotation"
+                } else {
+                    "from ProxyConfig: the pod's proxy.istio.io/config or the mesh's defaultConfig"
+                }
+            ));
+        }
         let a_or = |k: &str, d: &str| ann(a, k).unwrap_or(d).to_string();
         annotations.insert(
             "sidecar.istio.io/interceptionMode".into(),

@@ -182,15 +182,8 @@ fn mutation_warnings(info: &PodInfo, cfg: &InjectorConfig, profile: &MeshProfile
     {
         return w;
     }
+    // (A mode other than REDIRECT is said by the render, which knows where it came from.)
     let (uid, _) = cfg.proxy_ids(profile);
-    match info.annotation(profile.interception_mode_key) {
-        None | Some("REDIRECT") => {}
-        Some(mode) => w.push(format!(
-            "annotation {}={mode:?}: podwire only programs REDIRECT, so this pod's traffic will \
-             not reach the proxy",
-            profile.interception_mode_key
-        )),
-    }
     for c in &info.spec.containers {
         if c.security_context.as_ref().and_then(|s| s.run_as_user) == Some(i64::from(uid)) {
             w.push(format!(
