@@ -10,6 +10,11 @@ use serde_json::{json, Map, Value};
 pub const PLUGIN_TYPE: &str = "podwire-cni";
 /// Key in podwire's entry recording the `.conf` file it was wrapped from.
 pub const CONVERTED_FROM: &str = "podwireConvertedFrom";
+/// Key in podwire's entry listing what wrapping a `.conf` had to add (its `cniVersion` or
+/// `name`, when it had none), so that uninstall gives the file back without them.
+pub const ADDED_KEYS: &str = "podwireAddedKeys";
+/// Both markers: what podwire's entry records about a wrapped `.conf`.
+const MARKERS: [&str; 2] = [CONVERTED_FROM, ADDED_KEYS];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -37,6 +42,17 @@ pub fn parse(file_name: &str, bytes: &[u8]) -> Result<Value, String> {
     let kind = kind_of(file_name).ok_or("not a CNI config file name")?;
     let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
+    // libcni decodes both into Go strings: another JSON type (null aside, which Go reads as
+    // absent) makes the file unusable, and a .conf wrapped with it would give a conflist
+    // libcni refuses.
+    for key in ["cniVersion", "name"] {
+        if obj
+            .get(key)
+            .is_some_and(|v| !(v.is_string() || v.is_null()))
+        {
+            return Err(format!("\"{key}\" is not a string"));
+        }
+    }
     match kind {
         Kind::List => {
             let plugins = obj
@@ -89,7 +105,9 @@ fn is_ours(p: &Value) -> bool {
 fn without_marker(p: &Value) -> Value {
     let mut p = p.clone();
     if let Some(o) = p.as_object_mut() {
-        o.remove(CONVERTED_FROM);
+        for m in MARKERS {
+            o.remove(m);
+        }
     }
     p
 }
@@ -113,11 +131,25 @@ pub fn chain(file_name: &str, config: &Value, entry: &Value) -> Result<(String, 
         Some(Kind::List) => (file_name.to_string(), config.clone()),
         Some(Kind::Single) => {
             let mut plugin = config.as_object().cloned().ok_or("not a JSON object")?;
-            let cni_version = plugin.remove("cniVersion").unwrap_or(json!("0.3.1"));
-            let net_name = plugin.remove("name").unwrap_or(json!("podwire"));
+            let mut added = Vec::new();
+            let mut take = |key: &'static str, default: &str| {
+                // null is absent to libcni's Go decoder, and a conflist needs a string.
+                plugin
+                    .remove(key)
+                    .filter(|v| !v.is_null())
+                    .unwrap_or_else(|| {
+                        added.push(key);
+                        json!(default)
+                    })
+            };
+            let cni_version = take("cniVersion", "0.3.1");
+            let net_name = take("name", "podwire");
             let stem = file_name.rsplit_once('.').map_or(file_name, |(s, _)| s);
             if let Some(o) = entry.as_object_mut() {
                 o.insert(CONVERTED_FROM.into(), json!(file_name));
+                if !added.is_empty() {
+                    o.insert(ADDED_KEYS.into(), json!(added));
+                }
             }
             let mut list = Map::new();
             list.insert("cniVersion".into(), cni_version);
@@ -132,9 +164,11 @@ pub fn chain(file_name: &str, config: &Value, entry: &Value) -> Result<(String, 
         .and_then(Value::as_array_mut)
         .ok_or("no \"plugins\" list")?;
     // An entry written by an earlier install keeps its record of a wrapped .conf.
-    if let Some(old) = plugins.iter().find(|p| is_ours(p)) {
-        if let (Some(from), Some(o)) = (old.get(CONVERTED_FROM).cloned(), entry.as_object_mut()) {
-            o.insert(CONVERTED_FROM.into(), from);
+    if let (Some(old), Some(o)) = (plugins.iter().find(|p| is_ours(p)), entry.as_object_mut()) {
+        for m in MARKERS {
+            if let Some(v) = old.get(m) {
+                o.insert(m.into(), v.clone());
+            }
         }
     }
     plugins.retain(|p| !is_ours(p));
@@ -148,13 +182,26 @@ pub fn unchain(file_name: &str, config: &Value) -> Option<(String, Value)> {
     let plugins = config.get("plugins")?.as_array()?;
     let ours = plugins.iter().find(|p| is_ours(p))?;
     let rest: Vec<Value> = plugins.iter().filter(|p| !is_ours(p)).cloned().collect();
-    if let (Some(from), [single]) = (
-        ours.get(CONVERTED_FROM).and_then(Value::as_str),
-        rest.as_slice(),
-    ) {
+    // The record names the .conf this very file was wrapped from (same stem): anything else
+    // is not podwire's record, and is never used as a path to write.
+    let stem = |f: &str| {
+        f.rsplit_once('.')
+            .map_or(f.to_string(), |(s, _)| s.to_string())
+    };
+    let from = ours
+        .get(CONVERTED_FROM)
+        .and_then(Value::as_str)
+        .filter(|f| {
+            kind_of(f) == Some(Kind::Single) && !f.contains('/') && stem(f) == stem(file_name)
+        });
+    if let (Some(from), [single]) = (from, rest.as_slice()) {
         let mut plugin = single.as_object().cloned().unwrap_or_default();
+        let added = ours.get(ADDED_KEYS).and_then(Value::as_array);
         let mut conf = Map::new();
         for key in ["cniVersion", "name"] {
+            if added.is_some_and(|a| a.iter().any(|k| k == key)) {
+                continue;
+            }
             if let Some(v) = config.get(key) {
                 conf.insert(key.into(), v.clone());
             }
@@ -227,5 +274,60 @@ mod tests {
             unchain(&name, &again),
             Some(("10-flannel.conf".into(), conf))
         );
+    }
+
+    #[test]
+    fn a_version_or_name_that_is_not_a_string_is_not_a_usable_config() {
+        for bad in [
+            json!({"type": "bridge", "name": true}),
+            json!({"type": "bridge", "cniVersion": 1}),
+        ] {
+            let e = parse("10-br.conf", &serde_json::to_vec(&bad).expect("JSON"));
+            assert!(e.is_err_and(|e| e.contains("is not a string")), "{bad}");
+        }
+        let list = json!({"name": "n", "cniVersion": 3, "plugins": [{"type": "bridge"}]});
+        let e = parse("10-br.conflist", &serde_json::to_vec(&list).expect("JSON"));
+        assert!(e.is_err_and(|e| e.contains("\"cniVersion\" is not a string")));
+        // null reads as absent, as in Go; wrapping then supplies it.
+        let conf = json!({"type": "bridge", "name": null});
+        assert!(parse("10-br.conf", &serde_json::to_vec(&conf).expect("JSON")).is_ok());
+        let (name, list) = chain("10-br.conf", &conf, &entry()).expect("chain");
+        assert!(parse(&name, &serde_json::to_vec(&list).expect("JSON")).is_ok());
+    }
+
+    #[test]
+    fn a_record_that_is_not_this_files_wrap_is_not_followed() {
+        for from in [
+            "../../etc/cron.d/x.conf",
+            "other.conf",
+            "10-net.conflist",
+            "podwire-cni",
+        ] {
+            let list = json!({"name": "n", "cniVersion": "1.0.0", "plugins": [
+                {"type": "bridge"}, {"type": PLUGIN_TYPE, CONVERTED_FROM: from}]});
+            let (name, back) = unchain("10-net.conflist", &list).expect("ours");
+            assert_eq!(name, "10-net.conflist", "{from}");
+            assert_eq!(back["plugins"], json!([{"type": "bridge"}]), "{from}");
+        }
+    }
+
+    #[test]
+    fn a_conf_without_version_or_name_comes_back_without_them() {
+        // The conflist needs both; the .conf did not have them (found by fuzzing).
+        let conf = json!({"type": "bridge", "bridge": "cni0"});
+        let (name, list) = chain("10-br.conf", &conf, &entry()).expect("chain");
+        assert_eq!(
+            (&list["cniVersion"], &list["name"]),
+            (&json!("0.3.1"), &json!("podwire"))
+        );
+        assert!(parse(&name, &serde_json::to_vec(&list).expect("JSON")).is_ok());
+        let newer = json!({"type": "podwire-cni"});
+        let (_, again) = chain(&name, &list, &newer).expect("chain");
+        assert!(is_chained(&again, &newer));
+        assert_eq!(unchain(&name, &again), Some(("10-br.conf".into(), conf)));
+        // Only what was missing is dropped.
+        let named = json!({"type": "bridge", "name": "br"});
+        let (name, list) = chain("10-br.conf", &named, &entry()).expect("chain");
+        assert_eq!(unchain(&name, &list), Some(("10-br.conf".into(), named)));
     }
 }
