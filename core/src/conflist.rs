@@ -112,6 +112,11 @@ fn without_marker(p: &Value) -> Value {
     p
 }
 
+/// A config file's name without its extension (`10-net.conf` → `10-net`).
+fn stem(file_name: &str) -> &str {
+    file_name.rsplit_once('.').map_or(file_name, |(s, _)| s)
+}
+
 /// Is `config` already chained with exactly this entry, in last position?
 pub fn is_chained(config: &Value, entry: &Value) -> bool {
     let Some(plugins) = config.get("plugins").and_then(Value::as_array) else {
@@ -144,7 +149,7 @@ pub fn chain(file_name: &str, config: &Value, entry: &Value) -> Result<(String, 
             };
             let cni_version = take("cniVersion", "0.3.1");
             let net_name = take("name", "podwire");
-            let stem = file_name.rsplit_once('.').map_or(file_name, |(s, _)| s);
+            let stem = stem(file_name);
             if let Some(o) = entry.as_object_mut() {
                 o.insert(CONVERTED_FROM.into(), json!(file_name));
                 if !added.is_empty() {
@@ -184,10 +189,6 @@ pub fn unchain(file_name: &str, config: &Value) -> Option<(String, Value)> {
     let rest: Vec<Value> = plugins.iter().filter(|p| !is_ours(p)).cloned().collect();
     // The record names the .conf this very file was wrapped from (same stem): anything else
     // is not podwire's record, and is never used as a path to write.
-    let stem = |f: &str| {
-        f.rsplit_once('.')
-            .map_or(f.to_string(), |(s, _)| s.to_string())
-    };
     let from = ours
         .get(CONVERTED_FROM)
         .and_then(Value::as_str)

@@ -21,7 +21,8 @@ use podwire_core::{mesh_decision, MeshProfile, PodInfo, RedirectSpec};
 use serde_json::{json, Map, Value};
 use std::sync::OnceLock;
 
-/// Annotation and label keys Istio's injection reads (and podwire-cni's traffic keys).
+/// Annotation and label keys Istio's injection reads; podwire-cni's traffic keys are added
+/// from its profile ([`keys`]).
 const KEYS: &[&str] = &[
     "sidecar.istio.io/inject",
     "sidecar.istio.io/status",
@@ -52,13 +53,6 @@ const KEYS: &[&str] = &[
     "readiness.status.sidecar.istio.io/initialDelaySeconds",
     "readiness.status.sidecar.istio.io/periodSeconds",
     "readiness.status.sidecar.istio.io/failureThreshold",
-    "traffic.sidecar.istio.io/includeInboundPorts",
-    "traffic.sidecar.istio.io/excludeInboundPorts",
-    "traffic.sidecar.istio.io/includeOutboundPorts",
-    "traffic.sidecar.istio.io/excludeOutboundPorts",
-    "traffic.sidecar.istio.io/includeOutboundIPRanges",
-    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-    "traffic.sidecar.istio.io/excludeInterfaces",
     "traffic.sidecar.istio.io/kubevirtInterfaces",
     "prometheus.io/scrape",
     "prometheus.io/port",
@@ -254,10 +248,19 @@ struct Pod {
     dry_run: bool,
 }
 
+/// [`KEYS`] and the traffic annotations podwire-cni reads.
+fn keys() -> &'static [&'static str] {
+    static ALL: OnceLock<Vec<&'static str>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let traffic = MeshProfile::istio().traffic.all();
+        KEYS.iter().copied().chain(traffic).collect()
+    })
+}
+
 fn map(pairs: &[(Text, Text)]) -> Map<String, Value> {
     pairs
         .iter()
-        .map(|(k, v)| (k.get(KEYS), json!(v.get(VALUES))))
+        .map(|(k, v)| (k.get(keys()), json!(v.get(VALUES))))
         .collect()
 }
 
