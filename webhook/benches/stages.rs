@@ -3,7 +3,6 @@
 //! the same input; "parse" is the bare server's whole work, so every other line reads as
 //! what the injector adds on top of it. Knob (env): BENCH_ITERATIONS (default 20000).
 
-use base64::Engine;
 use podwire_core::inject::patch::render_pod;
 use podwire_core::inject::{decide, plan, read_pod, Workload};
 use podwire_core::MeshProfile;
@@ -75,14 +74,14 @@ fn main() {
         std::hint::black_box(serde_json::to_vec(&ops).expect("JSON"));
     });
     time("patch to base64", &mut || {
-        std::hint::black_box(base64::engine::general_purpose::STANDARD.encode(&patch));
+        std::hint::black_box(base64_simd::STANDARD.encode_to_string(&patch));
     });
     time("answer to JSON", &mut || {
-        std::hint::black_box(serde_json::to_vec(&answer.review).expect("JSON"));
+        std::hint::black_box(answer.review.to_json().expect("JSON"));
     });
     let whole = time("whole review + answer to JSON", &mut || {
         let r = podwire_injector::review_resolving(&body, &cfg, &|_| None, &profile);
-        std::hint::black_box(serde_json::to_vec(&r.review).expect("JSON"));
+        std::hint::black_box(r.review.to_json().expect("JSON"));
     });
     println!(
         "the injector's in-process work is {:.1}x the bare server's parse ({} bytes of patch)",

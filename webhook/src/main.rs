@@ -256,7 +256,7 @@ fn run_review(args: &ReviewArgs) -> Result<()> {
         "{}",
         reviewed.summary
     );
-    let mut out = serde_json::to_vec(&reviewed.review).context("encoding the answer")?;
+    let mut out = reviewed.review.to_json().context("encoding the answer")?;
     out.push(b'\n');
     std::io::stdout()
         .write_all(&out)

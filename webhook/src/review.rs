@@ -13,7 +13,6 @@
 use crate::admission::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, Status, API_VERSION, KIND,
 };
-use base64::Engine;
 use podwire_core::inject::{plan, InjectorConfig, Labels, Step};
 use podwire_core::MeshProfile;
 use serde::Deserialize;
@@ -210,7 +209,7 @@ pub fn review_resolving(
                     uid: req.uid,
                     allowed: true,
                     patch_type: Some("JSONPatch".into()),
-                    patch: Some(base64::engine::general_purpose::STANDARD.encode(json)),
+                    patch: Some(base64_simd::STANDARD.encode_to_string(json)),
                     warnings: prefixed(d.warnings),
                     ..Default::default()
                 },
@@ -406,6 +405,7 @@ mod tests {
         let resp = r.response.expect("response");
         assert_eq!((resp.uid.as_str(), resp.allowed), ("u-1", true));
         assert_eq!(resp.patch_type.as_deref(), Some("JSONPatch"));
+        use base64::Engine;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(resp.patch.expect("patch"))
             .expect("base64");

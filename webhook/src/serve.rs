@@ -365,14 +365,7 @@ async fn inject(state: &State, req: Request<Incoming>) -> Response<Body> {
         Some((_, labels)) => review_resolving(&body, &config, &|_| labels.clone(), &state.profile),
         None => review_resolving(&body, &config, &labels_of, &state.profile),
     };
-    // Sized once: the base64 patch plus the envelope and warnings.
-    let size = reviewed
-        .review
-        .response
-        .as_ref()
-        .map_or(0, |r| r.patch.as_ref().map_or(0, String::len));
-    let mut out = Vec::with_capacity(size + 1024);
-    let answer = serde_json::to_writer(&mut out, &reviewed.review).map(|()| out);
+    let answer = reviewed.review.to_json();
     answered(
         state,
         start,
