@@ -242,8 +242,13 @@ fn bad_annotations_are_refused_naming_key_and_value() {
         ("sidecar.istio.io/userVolume", "{\"v\": 1}", "named object"),
         (
             "inject.istio.io/templates",
-            "grpc-agent",
-            "`sidecar` and `gateway`",
+            "grpc-simple",
+            "`sidecar`, `gateway` and `grpc-agent` templates only",
+        ),
+        (
+            "inject.istio.io/templates",
+            "grpc-agent,sidecar",
+            "cannot be combined",
         ),
         (
             "inject.istio.io/templates",
@@ -518,6 +523,105 @@ fn a_gateway_is_istios_gateway_template() {
     assert!(w.contains("sidecar.istio.io/proxyCPU is ignored"), "{w}");
     assert!(w.contains("sidecar.istio.io/userVolume is ignored"), "{w}");
     assert!(!w.contains("podwire-cni will not redirect"), "{w}");
+}
+
+#[test]
+fn a_proxyless_grpc_pod_gets_istios_grpc_agent_template() {
+    // Istio's grpc-agent fixture covers the plain pod; this one has what the fixture has not:
+    // the app's own bootstrap path and mount, an HTTP probe, a held app, a customised proxy.
+    let pod = json!({"metadata": {"name": "g", "labels": {"app": "g"}, "annotations": {
+            "inject.istio.io/templates": "grpc-agent",
+            "sidecar.istio.io/interceptionMode": "TPROXY",
+            "traffic.sidecar.istio.io/excludeInboundPorts": "9000",
+            "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}},
+        "spec": {"containers": [
+            {"name": "app", "ports": [{"containerPort": 50051}],
+             "env": [{"name": "GRPC_XDS_BOOTSTRAP", "value": "/mine.json"}],
+             "volumeMounts": [{"name": "mine", "mountPath": "/etc/istio/proxy"}],
+             "readinessProbe": {"httpGet": {"port": 8080, "path": "/ready"}}},
+            {"name": "istio-proxy", "image": "auto", "args": ["proxy", "sidecar", "--concurrency=1"]}]}});
+    let (out, warnings) = injected(&pod, &InjectorConfig::default());
+    let containers = out["spec"]["containers"].as_array().expect("containers");
+    // Never a native sidecar; first, as the app is held.
+    assert!(out["spec"]["initContainers"].is_null(), "{out}");
+    assert_eq!(containers[0]["name"], "istio-proxy", "{out}");
+    let (proxy, app) = (&containers[0], &containers[1]);
+    for (c, name, value) in [
+        (proxy, "DISABLE_ENVOY", "true"),
+        (proxy, "ISTIO_META_GENERATOR", "grpc"),
+        // The app's own settings win; what it lacks is added.
+        (app, "GRPC_XDS_BOOTSTRAP", "/mine.json"),
+        (app, "GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT", "true"),
+    ] {
+        assert_eq!(env_of(c, name).expect(name)["value"], value, "{c}");
+    }
+    assert!(env_of(proxy, "ISTIO_META_INTERCEPTION_MODE").is_none());
+    // The pod's own proxy customises the template's.
+    assert_eq!(proxy["args"][2], "--concurrency=1", "{proxy}");
+    assert!(
+        proxy.get("securityContext").is_none(),
+        "as Istio's: {proxy}"
+    );
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15020);
+    let mounts: Vec<(&str, &str)> = app["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or(""),
+                m["mountPath"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("mine", "/etc/istio/proxy"),
+            ("istio-data", "/var/lib/istio/data"),
+            (
+                "workload-certs",
+                "/var/run/secrets/workload-spiffe-credentials"
+            )
+        ]
+    );
+    // gRPC apps' probes are left as written.
+    assert_eq!(app["readinessProbe"]["httpGet"]["port"], 8080);
+    assert!(out["metadata"]["labels"]
+        .get("security.istio.io/tlsMode")
+        .is_none());
+    let a = &out["metadata"]["annotations"];
+    assert_eq!(a["sidecar.istio.io/rewriteAppHTTPProbers"], "false");
+    assert_eq!(
+        a["sidecar.istio.io/interceptionMode"], "TPROXY",
+        "the pod's own, untouched"
+    );
+    let status: Value =
+        serde_json::from_str(a["sidecar.istio.io/status"].as_str().expect("status")).expect("JSON");
+    assert_eq!(status["containers"], json!(["istio-proxy", "app"]));
+    let overrides: Value =
+        serde_json::from_str(a["proxy.istio.io/overrides"].as_str().expect("overrides"))
+            .expect("JSON");
+    let names: Vec<&str> = overrides["containers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["istio-proxy", "app"]);
+    // podwire-cni leaves it alone, by design: not a warning.
+    let info: podwire_core::PodInfo = serde_json::from_value(out.clone()).expect("pod info");
+    assert!(!podwire_core::mesh_decision(&info, &MeshProfile::istio(), &[]).is_redirect());
+    let w = warnings.join("\n");
+    assert!(!w.contains("will not redirect"), "{w}");
+    assert!(
+        w.contains("sidecar.istio.io/interceptionMode is ignored"),
+        "{w}"
+    );
+    assert!(
+        w.contains("traffic.sidecar.istio.io/excludeInboundPorts is ignored"),
+        "{w}"
+    );
 }
 
 #[test]

@@ -7,8 +7,8 @@
 //!    the `json-patch` crate, not podwire's own applier);
 //! 3. an injected pod is redirected: podwire-cni's reading of the patched pod (`PodInfo`,
 //!    `mesh_decision`, `RedirectSpec::from_pod`) redirects it, unless it is a pod the plugin
-//!    leaves alone by design and the answer says so (a gateway; a warned non-REDIRECT
-//!    interception mode or proxyless proxy);
+//!    leaves alone by design (a gateway, proxyless gRPC) or the answer says so (a warned
+//!    non-REDIRECT interception mode or proxyless proxy);
 //! 4. the injected pod reviewed again is left as it is (no second proxy).
 
 #![no_main]
@@ -103,6 +103,8 @@ const VALUES: &[&str] = &[
     "gateway",
     "sidecar,gateway",
     "grpc-agent",
+    "grpc-agent,sidecar",
+    "grpc-simple",
     "custom",
     "canary",
     "default",
@@ -409,15 +411,21 @@ fn check(pod: &Pod) {
             }
         }
         podwire_core::MeshDecision::PassThrough(why) => {
-            let gateway = info
+            // Istio's two templates whose proxy is never fed traffic: a gateway, and
+            // proxyless gRPC (grpc-agent).
+            let by_design = info
                 .annotation("inject.istio.io/templates")
-                .is_some_and(|t| t.split(',').all(|n| n.trim() == "gateway"));
+                .is_some_and(|t| {
+                    ["gateway", "grpc-agent"]
+                        .iter()
+                        .any(|k| t.split(',').all(|n| n.trim() == *k))
+                });
             let warned = response
                 .warnings
                 .iter()
                 .any(|w| w.contains("will not redirect") || w.contains("will not reach the proxy"));
             assert!(
-                gateway || warned,
+                by_design || warned,
                 "fail-open: injected, but podwire-cni leaves the pod alone ({why}); warnings \
                  {:?}\n{patched}",
                 response.warnings

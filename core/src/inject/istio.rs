@@ -10,6 +10,7 @@
 //! the injected pod for one pod object. Nothing a pod author writes is pasted into text that is
 //! parsed again: annotation values are checked and placed as JSON strings.
 
+use super::grpc_agent;
 use super::json::{Json, Node, Raw};
 use super::quantity::Quantity;
 use crate::error::{Error, Result};
@@ -962,7 +963,7 @@ fn port_json(p: &Value) -> Option<String> {
     Some(format!("{{{}}}", parts.join(",")))
 }
 
-fn env(name: &str, value: impl Into<String>) -> Value {
+pub(super) fn env(name: &str, value: impl Into<String>) -> Value {
     json!({"name": name, "value": value.into()})
 }
 
@@ -982,7 +983,7 @@ fn containers(spec: &Value, key: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn name_of(c: &Value) -> &str {
+pub(super) fn name_of(c: &Value) -> &str {
     c.get("name").and_then(Value::as_str).unwrap_or("")
 }
 
@@ -1030,7 +1031,7 @@ fn proxy_args(s: &Resolved, levels: [Option<&str>; 3], template: Template) -> Va
     let mut args = vec![
         json!("proxy"),
         json!(match template {
-            Template::Sidecar => "sidecar",
+            Template::Sidecar | Template::GrpcAgent => "sidecar",
             Template::Gateway => "router",
         }),
         json!("--domain"),
@@ -1218,6 +1219,14 @@ const GATEWAY_IGNORES: [&str; 11] = [
     "readiness.status.sidecar.istio.io/failureThreshold",
 ];
 
+/// Per-pod annotations of the sidecar template that Istio's grpc-agent template does not read
+/// (it sets `rewriteAppHTTPProbers: "false"` itself: gRPC apps' probes are left as written).
+const GRPC_IGNORES: [&str; 3] = [
+    "sidecar.istio.io/interceptionMode",
+    "sidecar.istio.io/nativeSidecar",
+    "sidecar.istio.io/rewriteAppHTTPProbers",
+];
+
 /// Which of Istio's injection templates a pod gets (`inject.istio.io/templates`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Template {
@@ -1226,40 +1235,59 @@ pub enum Template {
     /// `gateway`: the pod *is* the proxy (`proxy router`, Istio's gateway charts); nothing is
     /// redirected and podwire-cni leaves it alone.
     Gateway,
+    /// `grpc-agent`: proxyless gRPC, the agent without Envoy beside apps that speak xDS
+    /// themselves ([`super::grpc_agent`]); nothing is redirected and podwire-cni leaves it alone.
+    GrpcAgent,
 }
 
 impl Template {
+    /// Every template podwire renders, by Istio's name.
+    const NAMED: [(&'static str, Template); 3] = [
+        ("sidecar", Template::Sidecar),
+        ("gateway", Template::Gateway),
+        ("grpc-agent", Template::GrpcAgent),
+    ];
+
     /// The pod's choice; any template podwire does not render is refused, as Istio refuses
     /// one it does not have (a gateway given a sidecar would capture its own traffic).
     fn of(a: &Map<String, Value>) -> Result<Template> {
-        let Some(t) = ann(a, TEMPLATES) else {
-            return Ok(Template::Sidecar);
-        };
+        ann(a, TEMPLATES).map_or(Ok(Template::Sidecar), Template::parse)
+    }
+
+    /// An `inject.istio.io/templates` value.
+    pub fn parse(t: &str) -> Result<Template> {
+        let known = |n: &str| Self::NAMED.iter().find(|(k, _)| *k == n).map(|(_, t)| *t);
         let names: Vec<&str> = t.split(',').map(str::trim).collect();
-        if names.iter().all(|n| *n == "sidecar") {
-            Ok(Template::Sidecar)
-        } else if names.iter().all(|n| *n == "gateway") {
-            Ok(Template::Gateway)
-        } else if names.iter().all(|n| *n == "sidecar" || *n == "gateway") {
-            Err(invalid(
+        if names.iter().any(|n| n.is_empty()) {
+            return Err(invalid(
                 TEMPLATES,
                 t,
-                "`sidecar` and `gateway` cannot be combined: a pod is one or the other",
-            ))
-        } else if names.iter().any(|n| n.is_empty()) {
-            Err(invalid(
-                TEMPLATES,
-                t,
-                "a template name is empty (expected `sidecar` or `gateway`)",
-            ))
-        } else {
-            Err(invalid(
-                TEMPLATES,
-                t,
-                "podwire renders Istio's `sidecar` and `gateway` templates only (a \
-                 proxyless-gRPC or custom template needs Istio's own injector)",
-            ))
+                "a template name is empty (expected `sidecar`, `gateway` or `grpc-agent`)",
+            ));
         }
+        let Some(first) = names.iter().map(|n| known(n)).collect::<Option<Vec<_>>>() else {
+            return Err(invalid(
+                TEMPLATES,
+                t,
+                "podwire renders Istio's `sidecar`, `gateway` and `grpc-agent` templates only \
+                 (`grpc-simple` or a custom template needs Istio's own injector)",
+            ));
+        };
+        match first.as_slice() {
+            [one, rest @ ..] if rest.iter().all(|r| r == one) => Ok(*one),
+            _ => Err(invalid(
+                TEMPLATES,
+                t,
+                "`sidecar`, `gateway` and `grpc-agent` cannot be combined: a pod is one of them",
+            )),
+        }
+    }
+
+    /// Whether the pod's proxy is fed its traffic by podwire-cni. A gateway receives its
+    /// traffic directly and a proxyless gRPC app talks to the mesh itself: podwire-cni leaves
+    /// both alone, by design.
+    pub fn redirected(self) -> bool {
+        self == Template::Sidecar
     }
 }
 
@@ -1328,13 +1356,28 @@ pub fn render(
     let merge_ann = check_bool(a, "prometheus.istio.io/merge-metrics")?;
     let template = Template::of(a)?;
     let gateway = template == Template::Gateway;
-    if gateway {
-        for k in GATEWAY_IGNORES {
-            if a.contains_key(k) {
-                warnings.push(format!(
-                    "annotation {k} is ignored: Istio's gateway template does not read it"
-                ));
-            }
+    let grpc = template == Template::GrpcAgent;
+    let ignored: &[&str] = match template {
+        Template::Sidecar => &[],
+        Template::Gateway => &GATEWAY_IGNORES,
+        Template::GrpcAgent => &GRPC_IGNORES,
+    };
+    for k in ignored {
+        if a.contains_key(*k) {
+            warnings.push(format!(
+                "annotation {k} is ignored: Istio's {} template does not read it",
+                if gateway { "gateway" } else { "grpc-agent" }
+            ));
+        }
+    }
+    if grpc {
+        if let Some(k) = a
+            .keys()
+            .find(|k| k.starts_with("traffic.sidecar.istio.io/"))
+        {
+            warnings.push(format!(
+                "annotation {k} is ignored: a proxyless gRPC pod's traffic is not redirected"
+            ));
         }
     }
     for (k, why) in REFUSED_ANNOTATIONS {
@@ -1383,8 +1426,8 @@ pub fn render(
         .get("holdApplicationUntilProxyStarts")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    // The gateway template always puts the proxy in `containers`.
-    let native = !gateway
+    // The gateway and grpc-agent templates always put the proxy in `containers`.
+    let native = template == Template::Sidecar
         && match native_ann {
             Some(n) => n,
             None => match s.native {
@@ -1399,7 +1442,7 @@ pub fn render(
                 }),
             },
         };
-    let hold = (hold_pc || s.hold_values) && !native && !gateway;
+    let hold = (hold_pc || s.hold_values) && !native && template == Template::Sidecar;
     let status_port = status_port_ann
         .map(|p| p.to_string())
         .unwrap_or_else(|| s.status_port.clone());
@@ -1471,7 +1514,7 @@ pub fn render(
         ann(a, "sidecar.istio.io/componentLogLevel"),
         ann(a, "sidecar.istio.io/agentLogLevel"),
     ];
-    let args = if levels.iter().all(Option::is_none) && !gateway {
+    let args = if levels.iter().all(Option::is_none) && template == Template::Sidecar {
         Json::Raw(pre.args.clone())
     } else {
         Json::Value(proxy_args(s, levels, template))
@@ -1482,11 +1525,20 @@ pub fn render(
         .map(str::to_string)
         .unwrap_or_else(|| s.network.clone());
     let mut envs: Vec<Json> = Vec::with_capacity(pre.env_head.len() + 16);
+    if grpc {
+        envs.extend(grpc_agent::env_first().map(Json::Value));
+    }
     envs.extend(
         pre.env_head
             .iter()
-            // Probe rewriting is the sidecar's; the gateway template has no such variable.
-            .filter(|e| !(gateway && name_of(e.value()) == LEGACY_LOCALHOST))
+            .filter(|e| match name_of(e.value()) {
+                // Probe rewriting is the sidecar's and grpc-agent's; the gateway template has
+                // no such variable.
+                LEGACY_LOCALHOST => !gateway,
+                // grpc-agent's agent sizes nothing from its limits.
+                "ISTIO_CPU_LIMIT" => !grpc,
+                _ => true,
+            })
             .cloned()
             .map(Json::Raw),
     );
@@ -1531,7 +1583,7 @@ pub fn render(
         envs.push(Json::Raw(pre.gomemlimit_env.clone()));
     }
     envs.push(env("ISTIO_META_APP_CONTAINERS", app_names.join(",")).into());
-    if !gateway {
+    if template == Template::Sidecar {
         envs.push(Json::Raw(pre.gomemlimit_env.clone()));
     }
     if s.cluster_name.is_empty() {
@@ -1544,18 +1596,20 @@ pub fn render(
         "" => "REDIRECT",
         m => m,
     };
-    envs.push(
-        env(
-            "ISTIO_META_INTERCEPTION_MODE",
-            if gateway {
-                pc_interception
-            } else {
-                &interception
-            },
-        )
-        .into(),
-    );
-    let workload_name = if gateway {
+    if !grpc {
+        envs.push(
+            env(
+                "ISTIO_META_INTERCEPTION_MODE",
+                if gateway {
+                    pc_interception
+                } else {
+                    &interception
+                },
+            )
+            .into(),
+        );
+    }
+    let workload_name = if template != Template::Sidecar {
         &workload.name
     } else {
         label("service.istio.io/workload-name").unwrap_or(&workload.name)
@@ -1583,7 +1637,8 @@ pub fn render(
         );
     }
     let bootstrap = ann(a, "sidecar.istio.io/bootstrapOverride");
-    if bootstrap.is_some() {
+    // grpc-agent only mounts the volume (its agent runs no Envoy to bootstrap).
+    if bootstrap.is_some() && !grpc {
         envs.push(
             env(
                 "ISTIO_BOOTSTRAP_OVERRIDE",
@@ -1608,6 +1663,9 @@ pub fn render(
     for (k, v) in &metadata {
         envs.push(env(k, v).into());
     }
+    if grpc {
+        envs.extend(grpc_agent::env_last().map(Json::Value));
+    }
     // Istio moves the cluster id and network it resolved to the end, sorted.
     if !s.cluster_name.is_empty() {
         envs.push(env("ISTIO_META_CLUSTER_ID", &s.cluster_name).into());
@@ -1623,9 +1681,18 @@ pub fn render(
     if native {
         c.insert("restartPolicy".into(), json!("Always").into());
     }
-    c.insert("ports".into(), Json::Raw(pre.ports.clone()));
+    c.insert(
+        "ports".into(),
+        if grpc {
+            grpc_agent::ports().into()
+        } else {
+            Json::Raw(pre.ports.clone())
+        },
+    );
     c.insert("args".into(), args);
-    if let Some(l) = &s.lifecycle {
+    if grpc {
+        c.insert("lifecycle".into(), grpc_agent::lifecycle().into());
+    } else if let Some(l) = &s.lifecycle {
         c.insert("lifecycle".into(), l.clone().into());
     } else if hold {
         c.insert(
@@ -1644,7 +1711,17 @@ pub fn render(
     if let Some(p) = &s.image_pull_policy {
         c.insert("imagePullPolicy".into(), json!(p).into());
     }
-    if status_port != "0" || gateway {
+    if grpc {
+        // The template leaves the probe, the resources and the mounts out together when the
+        // status port is 0.
+        if status_port != "0" {
+            let timing = [ready_delay, ready_period, ready_failure];
+            c.insert(
+                "readinessProbe".into(),
+                grpc_agent::readiness_probe(s, timing).into(),
+            );
+        }
+    } else if status_port != "0" || gateway {
         // The gateway template does not read the readiness annotations.
         let timing = if gateway {
             [None; 3]
@@ -1662,7 +1739,12 @@ pub fn render(
         }
     }
     let pod_seccomp = member_at(pod, &["spec", "securityContext", "seccompProfile"]).is_some();
-    if gateway {
+    if grpc {
+        // No securityContext: Istio's grpc-agent template sets none.
+        if status_port != "0" {
+            c.insert("resources".into(), proxy_resources(a, s)?.into());
+        }
+    } else if gateway {
         // The gateway template sets the owner only, and no resources: the gateway's chart
         // sets both on the Deployment's own istio-proxy container.
         c.insert(
@@ -1678,20 +1760,25 @@ pub fn render(
     }
     // The gateway template has no CRL volume.
     let sidecar_only = |r: &&Raw| !(gateway && name_of(r.value()) == "istio-ca-crl");
-    let mut mounts: Vec<Json> = pre
-        .mounts_head
-        .iter()
-        .filter(sidecar_only)
-        .cloned()
-        .map(Json::Raw)
-        .collect();
-    if bootstrap.is_some() {
+    let mut mounts: Vec<Json> = if grpc {
+        grpc_agent::mounts(s).into_iter().map(Json::Value).collect()
+    } else {
+        pre.mounts_head
+            .iter()
+            .filter(sidecar_only)
+            .cloned()
+            .map(Json::Raw)
+            .collect()
+    };
+    if bootstrap.is_some() && !grpc {
         mounts.push(
             json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"})
                 .into(),
         );
     }
-    mounts.extend(pre.mounts_tail.iter().cloned().map(Json::Raw));
+    if !grpc {
+        mounts.extend(pre.mounts_tail.iter().cloned().map(Json::Raw));
+    }
     for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")?
         .into_iter()
         .filter(|_| !gateway)
@@ -1700,24 +1787,36 @@ pub fn render(
         m["name"] = json!(name);
         mounts.push(m.into());
     }
-    c.insert("volumeMounts".into(), Json::Array(mounts));
+    if !(grpc && status_port == "0") {
+        c.insert("volumeMounts".into(), Json::Array(mounts));
+    }
     c.insert("env".into(), Json::Array(envs));
 
     // Volumes, with their names.
-    let mut volumes: Vec<(Cow<str>, Json)> = shared(&pre.volumes_head).collect();
-    if let Some(b) = bootstrap {
+    let sa = spec
+        .get("serviceAccountName")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    let mut volumes: Vec<(Cow<str>, Json)> = if grpc {
+        grpc_agent::volumes(s, bootstrap, sa)
+            .into_iter()
+            .map(|v| (Cow::Owned(name_of(&v).to_string()), Json::Value(v)))
+            .collect()
+    } else {
+        shared(&pre.volumes_head).collect()
+    };
+    if let Some(b) = bootstrap.filter(|_| !grpc) {
         volumes.push((
             Cow::Borrowed("custom-bootstrap-volume"),
             json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}).into(),
         ));
     }
-    volumes.extend(shared(&pre.volumes_tail).filter(|(n, _)| !(gateway && n == "istio-ca-crl")));
-    if s.mount_mtls_certs {
-        let sa = spec
-            .get("serviceAccountName")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default");
+    if !grpc {
+        volumes
+            .extend(shared(&pre.volumes_tail).filter(|(n, _)| !(gateway && n == "istio-ca-crl")));
+    }
+    if s.mount_mtls_certs && !grpc {
         volumes.push((
             Cow::Borrowed("istio-certs"),
             json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}).into(),
@@ -1734,10 +1833,12 @@ pub fn render(
 
     // podwire's config file, then the pod's own container, over the template.
     let mut proxy = Json::Object(c);
-    let mut overrides_annotation = None;
     if let Some(cfg) = &o.container {
         merge_into(&mut proxy, cfg);
     }
+    // The pod's containers the template also writes, as the pod had them: Istio records them
+    // in proxy.istio.io/overrides (Go writes their empty resources).
+    let mut overridden = Vec::new();
     if let Some(mut own) = own.clone() {
         if own.get("image").and_then(Value::as_str) == Some("auto") {
             own.as_object_mut().map(|m| m.remove("image"));
@@ -1745,17 +1846,29 @@ pub fn render(
         if own.get("resources").is_none() {
             own["resources"] = json!({});
         }
+        overridden.push(own.clone());
+        merge_into(&mut proxy, &own);
+    }
+    if grpc {
+        // grpc-agent's template writes every app container (the bootstrap's env and mounts).
+        overridden.extend(app.iter().cloned().map(|mut c| {
+            if let Some(m) = c.as_object_mut() {
+                m.entry("resources").or_insert_with(|| json!({}));
+            }
+            c
+        }));
+    }
+    let overrides_annotation = (!overridden.is_empty()).then(|| {
         let list = if native {
             "initContainers"
         } else {
             "containers"
         };
-        overrides_annotation = Some(json!({ list: [own.clone()] }).to_string());
-        merge_into(&mut proxy, &own);
-    }
+        json!({ list: overridden }).to_string()
+    });
     // A sidecar whose args or env (the pod's own container, podwire's config, proxyMetadata)
     // make it a proxy podwire-cni leaves alone: admitted as Istio does, but said.
-    if !gateway
+    if template == Template::Sidecar
         && (own.is_some() || o.container.is_some() || metadata.contains_key("DISABLE_ENVOY"))
     {
         let merged = read_as_plugin(&proxy);
@@ -1821,7 +1934,11 @@ pub fn render(
             annotations.insert("prometheus.istio.io/secure-port".into(), json!(port));
         }
     }
-    if rewrite_ann.unwrap_or(s.rewrite_app_probe) {
+    if grpc {
+        for c in &mut app {
+            grpc_agent::app_container(c, s);
+        }
+    } else if rewrite_ann.unwrap_or(s.rewrite_app_probe) {
         let port = status_port_ann.unwrap_or(mesh_status_port);
         let probers = rewrite_probes(&mut inits, &mut app, port);
         if !probers.is_empty() {
@@ -1850,13 +1967,16 @@ pub fn render(
 
     // Labels.
     let mut new_labels = labels.clone();
-    if !gateway {
+    // grpc-agent leaves tlsMode to the app: only its own gRPC code knows whether it does mTLS.
+    if template == Template::Sidecar {
         new_labels.insert(
             "security.istio.io/tlsMode".into(),
             json!(label("security.istio.io/tlsMode").unwrap_or("istio")),
         );
     }
-    if metadata.get("ISTIO_META_ENABLE_HBONE").map(String::as_str) == Some("true") && !gateway {
+    if metadata.get("ISTIO_META_ENABLE_HBONE").map(String::as_str) == Some("true")
+        && template == Template::Sidecar
+    {
         new_labels.insert(
             "networking.istio.io/tunnel".into(),
             json!(label("networking.istio.io/tunnel").unwrap_or("http")),
@@ -1868,8 +1988,8 @@ pub fn render(
         .unwrap_or(&workload.name);
     new_labels.insert(
         "service.istio.io/canonical-name".into(),
-        // The gateway template does not trim it.
-        json!(if gateway {
+        // Only the sidecar template trims it.
+        json!(if template != Template::Sidecar {
             canonical.to_string()
         } else {
             trim_canonical(canonical)
@@ -1903,9 +2023,15 @@ pub fn render(
             }
         }
     }
+    if grpc {
+        annotations.insert(
+            "sidecar.istio.io/rewriteAppHTTPProbers".into(),
+            json!("false"),
+        );
+    }
     // What the CNI plugin reads (Istio's istio-cni annotations; podwire-cni is the CNI).
-    // A gateway is not redirected: the gateway template writes none.
-    if !gateway {
+    // A gateway or a proxyless pod is not redirected: their templates write none.
+    if template.redirected() {
         // Said for the mode as rendered, wherever it came from (the pod's annotation, its
         // proxy.istio.io/config, the mesh's defaultConfig): the pod is admitted as Istio
         // admits it, but nothing will capture its traffic.
@@ -1977,11 +2103,15 @@ pub fn render(
             }
         }
     }
-    let proxy_list = [o.name.as_str()];
+    // The containers the template wrote, in its order.
+    let mut written = vec![o.name.as_str()];
+    if grpc {
+        written.extend(app_names.iter().map(String::as_str));
+    }
     let (init_list, app_list): (&[&str], &[&str]) = if native {
-        (&proxy_list, &[])
+        (&written, &[])
     } else {
-        (&[], &proxy_list)
+        (&[], &written)
     };
     let volume_names: Vec<&str> = volumes.iter().map(|(n, _)| n.as_ref()).collect();
     let secret_names: Vec<&str> = s.image_pull_secrets.iter().map(String::as_str).collect();

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod decision;
+mod grpc_agent;
 pub mod istio;
 pub mod json;
 pub mod patch;

@@ -175,10 +175,12 @@ fn kind_of(v: &Value) -> &'static str {
 /// Things about an injected pod that would surprise its author.
 fn mutation_warnings(info: &PodInfo, cfg: &InjectorConfig, profile: &MeshProfile) -> Vec<String> {
     let mut w = Vec::new();
-    // A gateway is not redirected: nothing below applies (its own warnings come from the render).
+    // A gateway or a proxyless gRPC pod is not redirected: nothing below applies (their own
+    // warnings come from the render).
     if info
         .annotation(istio::TEMPLATES)
-        .is_some_and(|t| t.split(',').all(|n| n.trim() == "gateway"))
+        .and_then(|t| istio::Template::parse(t).ok())
+        .is_some_and(|t| !t.redirected())
     {
         return w;
     }
