@@ -176,22 +176,12 @@ fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
     }
 }
 
-/// What istio-cni leaves alone, podwire-cni leaves alone, in a real netns with real traffic:
-/// a gateway podwire injected with Istio's `gateway` template (its proxy *is* the pod's
-/// server: redirecting it would loop its traffic into itself), a pod Istio's own injector
-/// gave `istio-init` (that container programs the rules; a second set would make it fail),
-/// and a proxyless pod (`DISABLE_ENVOY=true`: nothing listens on 15001/15006).
-#[test]
-fn gateways_proxyless_and_istio_init_pods_are_left_alone() {
-    if !require_root() {
-        return;
-    }
-    let mut gateway = pod_manifest("shop", "gateway", false, &[]);
-    gateway["metadata"]["annotations"]["inject.istio.io/templates"] = json!("gateway");
-    gateway["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "true"});
-    gateway["spec"]["containers"] = json!([{"name": "istio-proxy", "image": "auto"}]);
+/// `pod` injected by podwire with Istio's `template`.
+fn injected_with(mut pod: Value, template: &str) -> Value {
+    pod["metadata"]["annotations"]["inject.istio.io/templates"] = json!(template);
+    pod["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "true"});
     let p = plan(
-        &gateway,
+        &pod,
         None,
         None,
         &InjectorConfig::default(),
@@ -199,17 +189,37 @@ fn gateways_proxyless_and_istio_init_pods_are_left_alone() {
     )
     .expect("readable pod");
     assert!(p.decision.inject, "{}", p.decision.reason);
-    apply_patch(&mut gateway, &p.patch.expect("accepted")).expect("the patch applies");
-    let proxy = &gateway["spec"]["containers"][0];
-    assert_eq!(proxy["args"][1], json!("router"), "{gateway}");
-    assert!(gateway["metadata"]["annotations"]
+    apply_patch(&mut pod, &p.patch.expect("accepted")).expect("the patch applies");
+    assert!(pod["metadata"]["annotations"]
         .get("sidecar.istio.io/status")
         .is_some());
+    pod
+}
+
+/// What istio-cni leaves alone, podwire-cni leaves alone, in a real netns with real traffic:
+/// a gateway podwire injected with Istio's `gateway` template (its proxy *is* the pod's
+/// server: redirecting it would loop its traffic into itself), a pod Istio's own injector
+/// gave `istio-init` (that container programs the rules; a second set would make it fail),
+/// and a proxyless gRPC pod podwire injected with Istio's `grpc-agent` template
+/// (`DISABLE_ENVOY=true`: nothing listens on 15001/15006).
+#[test]
+fn gateways_proxyless_and_istio_init_pods_are_left_alone() {
+    if !require_root() {
+        return;
+    }
+    let mut gateway = pod_manifest("shop", "gateway", false, &[]);
+    gateway["spec"]["containers"] = json!([{"name": "istio-proxy", "image": "auto"}]);
+    let gateway = injected_with(gateway, "gateway");
+    let proxy = &gateway["spec"]["containers"][0];
+    assert_eq!(proxy["args"][1], json!("router"), "{gateway}");
 
     let mut istio_init = pod_manifest("shop", "istio-init", true, &[]);
     istio_init["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "proxyv2"}]);
-    let mut proxyless = pod_manifest("shop", "proxyless", true, &[]);
-    proxyless["spec"]["containers"][1]["env"] = json!([{"name": "DISABLE_ENVOY", "value": "true"}]);
+    let proxyless = injected_with(pod_manifest("shop", "proxyless", false, &[]), "grpc-agent");
+    assert!(
+        proxyless["spec"]["initContainers"].is_null(),
+        "never native: {proxyless}"
+    );
 
     // At info, the plugin logs each pass-through and why.
     let lab = Lab::new(false, json!({"logLevel": "info"})).expect("lab");
