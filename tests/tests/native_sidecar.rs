@@ -73,6 +73,20 @@ fn native_sidecar_pod_is_redirected_with_its_init_containers_identity() {
         .contains("ISTIO_"));
 }
 
+/// `pod` as podwire's injector (the webhook's decision and patch) leaves it.
+fn inject(pod: &mut Value) {
+    let p = plan(
+        pod,
+        None,
+        None,
+        &InjectorConfig::default(),
+        &MeshProfile::istio(),
+    )
+    .expect("readable pod");
+    assert!(p.decision.inject, "{}", p.decision.reason);
+    apply_patch(pod, &p.patch.expect("accepted")).expect("the patch applies");
+}
+
 /// An app pod as its author writes it, customising the proxy's identity, then injected by
 /// podwire (the webhook's decision and patch) in the layout `native` asks for.
 fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Value {
@@ -83,17 +97,7 @@ fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Value {
         .expect("containers")
         .push(json!({"name": "istio-proxy", "image": "auto",
             "securityContext": {"runAsUser": uid, "runAsGroup": uid}}));
-    let p = plan(
-        &pod,
-        None,
-        None,
-        &InjectorConfig::default(),
-        &MeshProfile::istio(),
-    )
-    .expect("readable pod");
-    assert!(p.decision.inject, "{}", p.decision.reason);
-    let ops = p.patch.expect("accepted");
-    apply_patch(&mut pod, &ops).expect("the patch applies");
+    inject(&mut pod);
     let (list, other) = if native {
         ("initContainers", "containers")
     } else {
@@ -180,16 +184,7 @@ fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
 fn injected_with(mut pod: Value, template: &str) -> Value {
     pod["metadata"]["annotations"]["inject.istio.io/templates"] = json!(template);
     pod["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "true"});
-    let p = plan(
-        &pod,
-        None,
-        None,
-        &InjectorConfig::default(),
-        &MeshProfile::istio(),
-    )
-    .expect("readable pod");
-    assert!(p.decision.inject, "{}", p.decision.reason);
-    apply_patch(&mut pod, &p.patch.expect("accepted")).expect("the patch applies");
+    inject(&mut pod);
     assert!(pod["metadata"]["annotations"]
         .get("sidecar.istio.io/status")
         .is_some());
