@@ -568,7 +568,8 @@ fn bare_server(args: &str) {
                             uid,
                             ..(*canned).clone()
                         });
-                        let out = serde_json::to_vec(&answer).unwrap_or_default();
+                        // Encoded as the injector encodes its answers.
+                        let out = answer.to_json().unwrap_or_default();
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                             out,
                         ))))
