@@ -536,8 +536,10 @@ fn a_proxyless_grpc_pod_gets_istios_grpc_agent_template() {
             "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}},
         "spec": {"containers": [
             {"name": "app", "ports": [{"containerPort": 50051}],
-             "env": [{"name": "GRPC_XDS_BOOTSTRAP", "value": "/mine.json"}],
-             "volumeMounts": [{"name": "mine", "mountPath": "/etc/istio/proxy"}],
+             "env": [{"name": "BOOT", "value": "$(GRPC_XDS_BOOTSTRAP)"},
+                     {"name": "GRPC_XDS_BOOTSTRAP", "value": "/mine.json"}],
+             "volumeMounts": [{"name": "mine", "mountPath": "/etc/istio/proxy"},
+                              {"name": "tmp", "mountPath": "/tmp"}],
              "readinessProbe": {"httpGet": {"port": 8080, "path": "/ready"}}},
             {"name": "istio-proxy", "image": "auto", "args": ["proxy", "sidecar", "--concurrency=1"]}]}});
     let (out, warnings) = injected(&pod, &InjectorConfig::default());
@@ -574,15 +576,33 @@ fn a_proxyless_grpc_pod_gets_istios_grpc_agent_template() {
             )
         })
         .collect();
+    // The template's entries first, in its order (the app's own where both name one), then
+    // the app's others: as Istio's strategic merge leaves them, so `$(GRPC_XDS_BOOTSTRAP)`
+    // in the app's later env var sees the variable.
     assert_eq!(
         mounts,
         [
-            ("mine", "/etc/istio/proxy"),
             ("istio-data", "/var/lib/istio/data"),
+            ("mine", "/etc/istio/proxy"),
             (
                 "workload-certs",
                 "/var/run/secrets/workload-spiffe-credentials"
-            )
+            ),
+            ("tmp", "/tmp"),
+        ]
+    );
+    let env: Vec<&str> = app["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(
+        env,
+        [
+            "GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT",
+            "GRPC_XDS_BOOTSTRAP",
+            "BOOT"
         ]
     );
     // gRPC apps' probes are left as written.
@@ -622,6 +642,67 @@ fn a_proxyless_grpc_pod_gets_istios_grpc_agent_template() {
         w.contains("traffic.sidecar.istio.io/excludeInboundPorts is ignored"),
         "{w}"
     );
+}
+
+#[test]
+fn a_grpc_agent_pod_podwire_cni_would_redirect_is_said() {
+    // The pod's own istio-proxy switches Envoy back on: podwire-cni now sees a sidecar.
+    let pod = json!({"metadata": {"name": "g", "annotations": {
+            "inject.istio.io/templates": "grpc-agent",
+            "status.sidecar.istio.io/port": "0",
+            "sidecar.istio.io/userVolumeMount": "{\"v\": {\"mountPath\": \"/v\"}}"}},
+        "spec": {"containers": [{"name": "app"},
+            {"name": "istio-proxy", "image": "auto",
+             "env": [{"name": "DISABLE_ENVOY", "value": "false"}]}]}});
+    let (out, warnings) = injected(&pod, &InjectorConfig::default());
+    let info: podwire_core::PodInfo = serde_json::from_value(out.clone()).expect("pod info");
+    assert!(podwire_core::mesh_decision(&info, &MeshProfile::istio(), &[]).is_redirect());
+    let w = warnings.join("\n");
+    assert!(
+        w.contains("podwire-cni will redirect this grpc-agent pod"),
+        "{w}"
+    );
+    // With status port 0 the template mounts nothing, the user's mount included: said.
+    let proxy = &out["spec"]["containers"][1];
+    assert!(proxy.get("volumeMounts").is_none(), "{proxy}");
+    assert!(
+        w.contains("sidecar.istio.io/userVolumeMount is ignored"),
+        "{w}"
+    );
+}
+
+#[test]
+fn unknown_interception_modes_are_refused_as_istio_does() {
+    let p = MeshProfile::istio();
+    for (key, value) in [
+        ("sidecar.istio.io/interceptionMode", "FOO"),
+        ("proxy.istio.io/config", "interceptionMode: redirect"),
+    ] {
+        for template in ["sidecar", "grpc-agent"] {
+            let pod = json!({"metadata": {"name": "x", "annotations": {
+                    key: value, "inject.istio.io/templates": template}},
+                "spec": {"containers": [{"name": "app"}]}});
+            let plan =
+                plan(&pod, Some("shop"), None, &InjectorConfig::default(), &p).expect("readable");
+            let err = plan.patch.expect_err("refused").to_string();
+            assert!(
+                err.contains(key) && err.contains("expected REDIRECT, TPROXY or NONE"),
+                "{template}: {err}"
+            );
+        }
+    }
+    // The mesh's own default is a settings error, found when the settings are read.
+    let cfg = InjectorConfig {
+        mesh: json!({"defaultConfig": {"interceptionMode": "FOO"}}),
+        ..InjectorConfig::default()
+    };
+    let pod = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "app"}]}});
+    let err = plan(&pod, Some("shop"), None, &cfg, &p)
+        .expect("readable")
+        .patch
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("mesh.defaultConfig.interceptionMode"), "{err}");
 }
 
 #[test]

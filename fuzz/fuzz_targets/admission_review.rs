@@ -8,7 +8,8 @@
 //! 3. an injected pod is redirected: podwire-cni's reading of the patched pod (`PodInfo`,
 //!    `mesh_decision`, `RedirectSpec::from_pod`) redirects it, unless it is a pod the plugin
 //!    leaves alone by design (a gateway, proxyless gRPC) or the answer says so (a warned
-//!    non-REDIRECT interception mode or proxyless proxy);
+//!    non-REDIRECT interception mode or proxyless proxy); and a grpc-agent pod it would
+//!    redirect (its Envoy switched back on) is warned about;
 //! 4. the injected pod reviewed again is left as it is (no second proxy).
 
 #![no_main]
@@ -409,6 +410,20 @@ fn check(pod: &Pod) {
             if let Err(e) = RedirectSpec::from_pod(&info, &profile) {
                 panic!("admitted a pod podwire-cni will refuse at start: {e}\n{patched}");
             }
+            // A proxyless gRPC pod redirected would send the app's traffic to an Envoy
+            // configured for gRPC: only with a warning.
+            let grpc = info
+                .annotation("inject.istio.io/templates")
+                .is_some_and(|t| t.split(',').all(|n| n.trim() == "grpc-agent"));
+            assert!(
+                !grpc
+                    || response
+                        .warnings
+                        .iter()
+                        .any(|w| w.contains("will redirect")),
+                "a grpc-agent pod redirected without a warning: {:?}\n{patched}",
+                response.warnings
+            );
         }
         podwire_core::MeshDecision::PassThrough(why) => {
             // Istio's two templates whose proxy is never fed traffic: a gateway, and

@@ -126,9 +126,13 @@ pub fn volumes(s: &Resolved, bootstrap: Option<&str>, sa: &str) -> Vec<Value> {
     v
 }
 
-/// An app container as the template leaves it: the bootstrap's env and the shared volumes
-/// added, what the container already sets kept (Istio merges the template's container into the
-/// pod's, then the pod's own back over it: env by name, mounts by path).
+/// An app container as the template leaves it: the bootstrap's env and the shared mounts, in
+/// the template's order, then what only the container has. Istio merges the template's
+/// container into the pod's (a strategic merge: the patch's entries first), then the pod's own
+/// back over it, so an entry both name (env by name, mounts by path) keeps the app's value
+/// where the template put it. (podwire keeps the app's entry whole: Istio's field-by-field merge
+/// could leave an env var with both `value` and `valueFrom`, which the API server refuses.)
+/// Order matters: `$(VAR)` in an env value only sees the variables before it.
 pub fn app_container(c: &mut Value, s: &Resolved) {
     let Value::Object(m) = c else {
         return;
@@ -142,22 +146,31 @@ pub fn app_container(c: &mut Value, s: &Resolved) {
         json!({"mountPath": "/etc/istio/proxy", "name": "istio-xds"}),
         workload_certs_mount(s),
     ];
-    for (list, add, key) in [
+    for (list, template, key) in [
         ("env", &env[..], "name"),
         ("volumeMounts", &mounts[..], "mountPath"),
     ] {
-        let slot = m.entry(list).or_insert_with(|| json!([]));
-        if !slot.is_array() {
-            // null, as Go reads it: no list.
-            *slot = json!([]);
-        }
-        if let Value::Array(items) = slot {
-            for a in add {
-                let k = a.get(key);
-                if !items.iter().any(|i| i.get(key) == k) {
-                    items.push(a.clone());
-                }
-            }
-        }
+        // null, or anything but a list, reads as no list (as Go reads null).
+        let own = match m.remove(list) {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        };
+        // The app's entry standing in for each of the template's, if any (the first of a name).
+        let taken: Vec<Option<usize>> = template
+            .iter()
+            .map(|t| own.iter().position(|o| o.get(key) == t.get(key)))
+            .collect();
+        let mut merged: Vec<Value> = template
+            .iter()
+            .zip(&taken)
+            .map(|(t, i)| i.map_or(t, |i| &own[i]).clone())
+            .collect();
+        merged.extend(
+            own.iter()
+                .enumerate()
+                .filter(|(i, _)| !taken.contains(&Some(*i)))
+                .map(|(_, o)| o.clone()),
+        );
+        m.insert(list.to_string(), Value::Array(merged));
     }
 }

@@ -429,6 +429,14 @@ impl IstioSettings<'_> {
             Some(c @ Value::Object(_)) => c.clone(),
             Some(_) => return Err(bad("mesh.defaultConfig".into(), "expected a mapping")),
         };
+        if let Some(mode) = default_config.get("interceptionMode") {
+            if !mode.as_str().is_some_and(interception_mode_known) {
+                return Err(bad(
+                    "mesh.defaultConfig.interceptionMode".into(),
+                    "expected REDIRECT, TPROXY or NONE",
+                ));
+            }
+        }
         let mesh_trust_domain = m.s("trustDomain", "cluster.local")?;
         let inbound_localhost = m.s("inboundTrafficPolicy.mode", "PASSTHROUGH")? == "LOCALHOST";
         let image_pull_policy = Some(v.s("global.imagePullPolicy", "")?).filter(|p| !p.is_empty());
@@ -1219,6 +1227,11 @@ const GATEWAY_IGNORES: [&str; 11] = [
     "readiness.status.sidecar.istio.io/failureThreshold",
 ];
 
+/// An interception mode Istio knows.
+fn interception_mode_known(mode: &str) -> bool {
+    ["REDIRECT", "TPROXY", "NONE"].contains(&mode)
+}
+
 /// Per-pod annotations of the sidecar template that Istio's grpc-agent template does not read
 /// (it sets `rewriteAppHTTPProbers: "false"` itself: gRPC apps' probes are left as written).
 const GRPC_IGNORES: [&str; 3] = [
@@ -1409,6 +1422,22 @@ pub fn render(
             "" => "REDIRECT".to_string(),
             m => m.to_string(),
         });
+    // The modes Istio knows (its webhook refuses any other, whatever the template); the
+    // mesh's defaultConfig was checked with the settings, so a bad one is the pod's.
+    if !interception_mode_known(&interception) {
+        let (key, why) = match ann(a, "sidecar.istio.io/interceptionMode") {
+            Some(_) => ("sidecar.istio.io/interceptionMode", String::new()),
+            None => (
+                "proxy.istio.io/config",
+                format!("interceptionMode {interception:?}: "),
+            ),
+        };
+        return Err(invalid(
+            key,
+            ann(a, key).unwrap_or(""),
+            format!("{why}expected REDIRECT, TPROXY or NONE"),
+        ));
+    }
     let metadata: BTreeMap<String, String> = match pc.get("proxyMetadata") {
         Some(Value::Object(m)) => m
             .iter()
@@ -1789,6 +1818,13 @@ pub fn render(
     }
     if !(grpc && status_port == "0") {
         c.insert("volumeMounts".into(), Json::Array(mounts));
+    } else if a.contains_key("sidecar.istio.io/userVolumeMount") {
+        // Istio's template would write them into the env list (or fail to parse).
+        warnings.push(
+            "annotation sidecar.istio.io/userVolumeMount is ignored: with \
+             status.sidecar.istio.io/port \"0\" Istio's grpc-agent template mounts nothing"
+                .to_string(),
+        );
     }
     c.insert("env".into(), Json::Array(envs));
 
@@ -1877,6 +1913,21 @@ pub fn render(
                 "podwire-cni will not redirect this pod: {why}; its traffic will not pass \
                  through the proxy"
             ));
+        }
+    }
+    // And the other way round: a grpc-agent proxy whose Envoy was switched back on (the pod's
+    // own container or podwire's config setting DISABLE_ENVOY otherwise) is a sidecar to
+    // podwire-cni, which redirects the app's traffic into an Envoy configured for proxyless
+    // gRPC. Admitted as Istio does, but said.
+    if grpc && (own.is_some() || o.container.is_some()) {
+        let merged = read_as_plugin(&proxy);
+        if crate::mesh::proxy_left_alone(&merged, &crate::MeshProfile::istio()).is_none() {
+            warnings.push(
+                "podwire-cni will redirect this grpc-agent pod: its istio-proxy no longer sets \
+                 DISABLE_ENVOY=true, so the app's traffic goes to an Envoy istiod configures \
+                 for proxyless gRPC; remove the override unless that is meant"
+                    .to_string(),
+            );
         }
     }
 
