@@ -255,7 +255,7 @@ mod tests {
     /// The review as the handler answers it without the memo.
     fn fresh(body: &[u8], cfg: &InjectorConfig, labels: Option<&Labels>) -> (Reviewed, Vec<u8>) {
         let r = review_resolving(body, cfg, &|_| labels.cloned(), &MeshProfile::istio());
-        let out = serde_json::to_vec(&r.review).expect("JSON");
+        let out = r.review.to_json().expect("JSON");
         (r, out)
     }
 
