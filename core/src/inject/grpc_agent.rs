@@ -3,12 +3,13 @@
 //! serves the app's gRPC library its xDS bootstrap and certificates over a shared volume; the
 //! app talks to istiod's xDS itself, so nothing is redirected and podwire-cni leaves the pod
 //! alone. What differs from the sidecar template is here; [`super::istio::render`] does the
-//! rest (image, resources, Istio's post-processing) as for every template.
+//! rest (image, resources, the volumes and mounts both templates share, Istio's
+//! post-processing) as for every template.
 //!
 //! As in Istio's template, the proxy has no securityContext: a grpc-agent pod is not Pod
 //! Security "restricted" by itself.
 
-use super::istio::{env, Resolved};
+use super::istio::env;
 use serde_json::{json, Value};
 
 /// The agent's status and metrics port: the template probes and announces 15020.
@@ -44,86 +45,14 @@ pub fn lifecycle() -> Value {
     ]}}})
 }
 
-/// The readiness probe, on the agent's port; `timing`: the pod's readiness annotations.
-pub fn readiness_probe(s: &Resolved, timing: [Option<i64>; 3]) -> Value {
-    let [delay, period, failure] = timing;
-    let mut p = json!({
-        "httpGet": {"path": "/healthz/ready", "port": STATUS_PORT},
-        "initialDelaySeconds": delay.unwrap_or(s.readiness_initial_delay),
-        "periodSeconds": period.unwrap_or(s.readiness_period),
-        "timeoutSeconds": 3,
-        "failureThreshold": failure.unwrap_or(s.readiness_failure_threshold),
-    });
-    // Go leaves zero out.
-    if let Value::Object(m) = &mut p {
-        m.retain(|_, x| x.as_i64() != Some(0));
-    }
-    p
+/// The xDS channel between the agent and the app's gRPC library: mounted where the sidecar
+/// mounts `istio-envoy`, a memory volume.
+pub fn xds_mount() -> Value {
+    json!({"mountPath": "/etc/istio/proxy", "name": "istio-xds"})
 }
 
-fn workload_certs_mount(s: &Resolved) -> Value {
-    if s.ca_name == "GkeWorkloadCertificate" {
-        json!({"name": "gke-workload-certificate", "mountPath": "/var/run/secrets/workload-spiffe-credentials", "readOnly": true})
-    } else {
-        json!({"name": "workload-certs", "mountPath": "/var/run/secrets/workload-spiffe-credentials"})
-    }
-}
-
-/// The proxy's mounts, in the template's order (the pod's `userVolumeMount` ones follow).
-pub fn mounts(s: &Resolved) -> Vec<Value> {
-    let mut m = vec![
-        json!({"name": "workload-socket", "mountPath": "/var/run/secrets/workload-spiffe-uds"}),
-        workload_certs_mount(s),
-    ];
-    if s.pilot_cert_provider == "istiod" {
-        m.push(json!({"mountPath": "/var/run/secrets/istio", "name": "istiod-ca-cert"}));
-    }
-    m.push(json!({"mountPath": "/var/lib/istio/data", "name": "istio-data"}));
-    m.push(json!({"mountPath": "/etc/istio/proxy", "name": "istio-xds"}));
-    m.push(json!({"mountPath": "/var/run/secrets/tokens", "name": "istio-token"}));
-    if s.mount_mtls_certs {
-        m.push(json!({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": true}));
-    }
-    m.push(json!({"name": "istio-podinfo", "mountPath": "/etc/istio/pod"}));
-    m
-}
-
-/// The template's volumes, in its order (the pod's `userVolume` ones follow);
-/// `bootstrap`: the pod's `sidecar.istio.io/bootstrapOverride` ConfigMap; `sa`: its service
-/// account.
-pub fn volumes(s: &Resolved, bootstrap: Option<&str>, sa: &str) -> Vec<Value> {
-    let mut v = vec![json!({"name": "workload-socket", "emptyDir": {}})];
-    if s.ca_name == "GkeWorkloadCertificate" {
-        v.push(json!({"name": "gke-workload-certificate", "csi": {"driver": "workloadcertificates.security.cloud.google.com"}}));
-    } else {
-        v.push(json!({"name": "workload-certs", "emptyDir": {}}));
-    }
-    if let Some(b) = bootstrap {
-        v.push(json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}));
-    }
-    v.push(json!({"name": "istio-xds", "emptyDir": {"medium": "Memory"}}));
-    v.push(json!({"name": "istio-data", "emptyDir": {}}));
-    v.push(json!({"name": "istio-podinfo", "downwardAPI": {"items": [
-        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
-        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
-    ]}}));
-    v.push(json!({"name": "istio-token", "projected": {"sources": [
-        {"serviceAccountToken": {"path": "istio-token", "expirationSeconds": 43200, "audience": s.sds_audience}}
-    ]}}));
-    if s.pilot_cert_provider == "istiod" {
-        let bundle = Some(s.trust_bundle_name.as_str()).filter(|b| !b.is_empty());
-        v.push(if s.cluster_trust_bundle {
-            json!({"name": "istiod-ca-cert", "projected": {"sources": [{"clusterTrustBundle": {
-                "name": format!("istio.io:istiod-ca:{}", bundle.unwrap_or("root-cert")),
-                "path": "root-cert.pem"}}]}})
-        } else {
-            json!({"name": "istiod-ca-cert", "configMap": {"name": bundle.unwrap_or("istio-ca-root-cert")}})
-        });
-    }
-    if s.mount_mtls_certs {
-        v.push(json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}));
-    }
-    v
+pub fn xds_volume() -> Value {
+    json!({"name": "istio-xds", "emptyDir": {"medium": "Memory"}})
 }
 
 /// An app container as the template leaves it: the bootstrap's env and the shared mounts, in
@@ -133,7 +62,8 @@ pub fn volumes(s: &Resolved, bootstrap: Option<&str>, sa: &str) -> Vec<Value> {
 /// where the template put it. (podwire keeps the app's entry whole: Istio's field-by-field merge
 /// could leave an env var with both `value` and `valueFrom`, which the API server refuses.)
 /// Order matters: `$(VAR)` in an env value only sees the variables before it.
-pub fn app_container(c: &mut Value, s: &Resolved) {
+/// `shared`: the proxy's own `istio-data` and workload-certs (or GKE credentials) mounts.
+pub fn app_container(c: &mut Value, shared: [&Value; 2]) {
     let Value::Object(m) = c else {
         return;
     };
@@ -141,11 +71,8 @@ pub fn app_container(c: &mut Value, s: &Resolved) {
         env("GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT", "true"),
         env("GRPC_XDS_BOOTSTRAP", BOOTSTRAP),
     ];
-    let mounts = [
-        json!({"mountPath": "/var/lib/istio/data", "name": "istio-data"}),
-        json!({"mountPath": "/etc/istio/proxy", "name": "istio-xds"}),
-        workload_certs_mount(s),
-    ];
+    let [data, certs] = shared;
+    let mounts = [data.clone(), xds_mount(), certs.clone()];
     for (list, template, key) in [
         ("env", &env[..], "name"),
         ("volumeMounts", &mounts[..], "mountPath"),

@@ -1066,12 +1066,12 @@ fn proxy_args(s: &Resolved, levels: [Option<&str>; 3], template: Template) -> Va
     Value::Array(args)
 }
 
-/// The proxy's readiness probe; `timing`: the pod's initial delay, period and failure
-/// threshold annotations.
-fn readiness_probe(s: &Resolved, timing: [Option<i64>; 3]) -> Value {
+/// The proxy's readiness probe on `port`; `timing`: the pod's initial delay, period and
+/// failure threshold annotations.
+fn readiness_probe(s: &Resolved, timing: [Option<i64>; 3], port: i64) -> Value {
     let [delay, period, failure] = timing;
     drop_zero(json!({
-        "httpGet": {"path": "/healthz/ready", "port": 15021},
+        "httpGet": {"path": "/healthz/ready", "port": port},
         "initialDelaySeconds": delay.unwrap_or(s.readiness_initial_delay),
         "periodSeconds": period.unwrap_or(s.readiness_period),
         "timeoutSeconds": 3,
@@ -1192,7 +1192,7 @@ impl Prebuilt {
             node_name_env: Raw::new(&env_field("ISTIO_META_NODE_NAME", "spec.nodeName")),
             security_context: [false, true].map(|own| Raw::new(&security_context(s, o, own))),
             args: Raw::new(&proxy_args(s, [None; 3], Template::Sidecar)),
-            readiness_probe: Raw::new(&readiness_probe(s, [None; 3])),
+            readiness_probe: Raw::new(&readiness_probe(s, [None; 3], SIDECAR_READY_PORT)),
             ports: Raw::new(
                 &json!([{"containerPort": 15090, "protocol": "TCP", "name": "http-envoy-prom"}]),
             ),
@@ -1226,6 +1226,9 @@ const GATEWAY_IGNORES: [&str; 11] = [
     "readiness.status.sidecar.istio.io/periodSeconds",
     "readiness.status.sidecar.istio.io/failureThreshold",
 ];
+
+/// The sidecar's readiness port (Envoy's health listener).
+const SIDECAR_READY_PORT: i64 = 15021;
 
 /// An interception mode Istio knows.
 fn interception_mode_known(mode: &str) -> bool {
@@ -1278,7 +1281,7 @@ impl Template {
                 "a template name is empty (expected `sidecar`, `gateway` or `grpc-agent`)",
             ));
         }
-        let Some(first) = names.iter().map(|n| known(n)).collect::<Option<Vec<_>>>() else {
+        let Some(named) = names.iter().map(|n| known(n)).collect::<Option<Vec<_>>>() else {
             return Err(invalid(
                 TEMPLATES,
                 t,
@@ -1286,7 +1289,7 @@ impl Template {
                  (`grpc-simple` or a custom template needs Istio's own injector)",
             ));
         };
-        match first.as_slice() {
+        match named.as_slice() {
             [one, rest @ ..] if rest.iter().all(|r| r == one) => Ok(*one),
             _ => Err(invalid(
                 TEMPLATES,
@@ -1294,6 +1297,14 @@ impl Template {
                 "`sidecar`, `gateway` and `grpc-agent` cannot be combined: a pod is one of them",
             )),
         }
+    }
+
+    /// Istio's name for it.
+    pub fn name(self) -> &'static str {
+        Template::NAMED
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or("sidecar", |(n, _)| n)
     }
 
     /// Whether the pod's proxy is fed its traffic by podwire-cni. A gateway receives its
@@ -1379,7 +1390,7 @@ pub fn render(
         if a.contains_key(*k) {
             warnings.push(format!(
                 "annotation {k} is ignored: Istio's {} template does not read it",
-                if gateway { "gateway" } else { "grpc-agent" }
+                template.name()
             ));
         }
     }
@@ -1747,7 +1758,7 @@ pub fn render(
             let timing = [ready_delay, ready_period, ready_failure];
             c.insert(
                 "readinessProbe".into(),
-                grpc_agent::readiness_probe(s, timing).into(),
+                readiness_probe(s, timing, grpc_agent::STATUS_PORT).into(),
             );
         }
     } else if status_port != "0" || gateway {
@@ -1760,7 +1771,7 @@ pub fn render(
         let ready = if timing.iter().all(Option::is_none) {
             Json::Raw(pre.readiness_probe.clone())
         } else {
-            Json::Value(readiness_probe(s, timing))
+            Json::Value(readiness_probe(s, timing, SIDECAR_READY_PORT))
         };
         c.insert("readinessProbe".into(), ready);
         if let Some(p) = pre.startup_probe.as_ref().filter(|_| !gateway) {
@@ -1787,27 +1798,34 @@ pub fn render(
         );
         c.insert("resources".into(), proxy_resources(a, s)?.into());
     }
-    // The gateway template has no CRL volume.
-    let sidecar_only = |r: &&Raw| !(gateway && name_of(r.value()) == "istio-ca-crl");
-    let mut mounts: Vec<Json> = if grpc {
-        grpc_agent::mounts(s).into_iter().map(Json::Value).collect()
-    } else {
-        pre.mounts_head
-            .iter()
-            .filter(sidecar_only)
+    // The sidecar's volumes (and their mounts) the other templates do not have: the gateway
+    // no CRL; grpc-agent neither the CRL, the credential socket nor Envoy's own directory (its
+    // `istio-xds` takes that place).
+    let left_out = |name: &str| match template {
+        Template::Sidecar => false,
+        Template::Gateway => name == "istio-ca-crl",
+        Template::GrpcAgent => {
+            matches!(name, "istio-ca-crl" | "credential-socket" | "istio-envoy")
+        }
+    };
+    let shared_mounts = |list: &[Raw]| -> Vec<Json> {
+        list.iter()
+            .filter(|r| !left_out(name_of(r.value())))
             .cloned()
             .map(Json::Raw)
             .collect()
     };
+    let mut mounts = shared_mounts(&pre.mounts_head);
     if bootstrap.is_some() && !grpc {
         mounts.push(
             json!({"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"})
                 .into(),
         );
     }
-    if !grpc {
-        mounts.extend(pre.mounts_tail.iter().cloned().map(Json::Raw));
+    if grpc {
+        mounts.push(grpc_agent::xds_mount().into());
     }
+    mounts.extend(shared_mounts(&pre.mounts_tail));
     for (name, m) in user_map(a, "sidecar.istio.io/userVolumeMount")?
         .into_iter()
         .filter(|_| !gateway)
@@ -1829,30 +1847,25 @@ pub fn render(
     c.insert("env".into(), Json::Array(envs));
 
     // Volumes, with their names.
-    let sa = spec
-        .get("serviceAccountName")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default");
-    let mut volumes: Vec<(Cow<str>, Json)> = if grpc {
-        grpc_agent::volumes(s, bootstrap, sa)
-            .into_iter()
-            .map(|v| (Cow::Owned(name_of(&v).to_string()), Json::Value(v)))
-            .collect()
-    } else {
-        shared(&pre.volumes_head).collect()
-    };
-    if let Some(b) = bootstrap.filter(|_| !grpc) {
+    let mut volumes: Vec<(Cow<str>, Json)> = shared(&pre.volumes_head)
+        .filter(|(n, _)| !left_out(n))
+        .collect();
+    if let Some(b) = bootstrap {
         volumes.push((
             Cow::Borrowed("custom-bootstrap-volume"),
             json!({"name": "custom-bootstrap-volume", "configMap": {"name": b}}).into(),
         ));
     }
-    if !grpc {
-        volumes
-            .extend(shared(&pre.volumes_tail).filter(|(n, _)| !(gateway && n == "istio-ca-crl")));
+    if grpc {
+        volumes.push((Cow::Borrowed("istio-xds"), grpc_agent::xds_volume().into()));
     }
-    if s.mount_mtls_certs && !grpc {
+    volumes.extend(shared(&pre.volumes_tail).filter(|(n, _)| !left_out(n)));
+    if s.mount_mtls_certs {
+        let sa = spec
+            .get("serviceAccountName")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
         volumes.push((
             Cow::Borrowed("istio-certs"),
             json!({"name": "istio-certs", "secret": {"optional": true, "secretName": format!("istio.{sa}")}}).into(),
@@ -1902,32 +1915,26 @@ pub fn render(
         };
         json!({ list: overridden }).to_string()
     });
-    // A sidecar whose args or env (the pod's own container, podwire's config, proxyMetadata)
-    // make it a proxy podwire-cni leaves alone: admitted as Istio does, but said.
-    if template == Template::Sidecar
+    // Whether podwire-cni will feed this proxy its traffic, when the pod's own container,
+    // podwire's config or proxyMetadata may have changed its args or env: a sidecar it leaves
+    // alone, or a grpc-agent proxy whose Envoy was switched back on (the app's traffic then
+    // goes to an Envoy configured for proxyless gRPC), is admitted as Istio does, but said.
+    if !gateway
         && (own.is_some() || o.container.is_some() || metadata.contains_key("DISABLE_ENVOY"))
     {
         let merged = read_as_plugin(&proxy);
-        if let Some(why) = crate::mesh::proxy_left_alone(&merged, &crate::MeshProfile::istio()) {
-            warnings.push(format!(
+        match crate::mesh::proxy_left_alone(&merged, &crate::MeshProfile::istio()) {
+            Some(why) if !grpc => warnings.push(format!(
                 "podwire-cni will not redirect this pod: {why}; its traffic will not pass \
                  through the proxy"
-            ));
-        }
-    }
-    // And the other way round: a grpc-agent proxy whose Envoy was switched back on (the pod's
-    // own container or podwire's config setting DISABLE_ENVOY otherwise) is a sidecar to
-    // podwire-cni, which redirects the app's traffic into an Envoy configured for proxyless
-    // gRPC. Admitted as Istio does, but said.
-    if grpc && (own.is_some() || o.container.is_some()) {
-        let merged = read_as_plugin(&proxy);
-        if crate::mesh::proxy_left_alone(&merged, &crate::MeshProfile::istio()).is_none() {
-            warnings.push(
+            )),
+            None if grpc => warnings.push(
                 "podwire-cni will redirect this grpc-agent pod: its istio-proxy no longer sets \
                  DISABLE_ENVOY=true, so the app's traffic goes to an Envoy istiod configures \
                  for proxyless gRPC; remove the override unless that is meant"
                     .to_string(),
-            );
+            ),
+            _ => {}
         }
     }
 
@@ -1986,8 +1993,19 @@ pub fn render(
         }
     }
     if grpc {
+        // The app shares the proxy's data and certificate mounts, as the template writes them.
+        let mount = |names: &[&str]| {
+            pre.mounts_head
+                .iter()
+                .map(Raw::value)
+                .find(|m| names.contains(&name_of(m)))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let data = mount(&["istio-data"]);
+        let certs = mount(&["workload-certs", "gke-workload-certificate"]);
         for c in &mut app {
-            grpc_agent::app_container(c, s);
+            grpc_agent::app_container(c, [&data, &certs]);
         }
     } else if rewrite_ann.unwrap_or(s.rewrite_app_probe) {
         let port = status_port_ann.unwrap_or(mesh_status_port);
