@@ -5,7 +5,10 @@
 //! leaves alone (hostNetwork, `inject: "false"`) must be left alone; a `refused:` case (a
 //! template podwire does not render, a bad traffic annotation Istio refuses too) must be
 //! refused naming the annotation; and every injected pod must be what podwire-cni redirects
-//! (a sidecar in REDIRECT mode) or leaves alone (a gateway, another mode).
+//! (a sidecar in REDIRECT mode) or leaves alone (a gateway, another mode). Every injected pod,
+//! podwire's and (as a check of the check) Istio's, must also read as the Kubernetes API's
+//! own `PodTemplateSpec` (k8s-openapi, the workspace's pinned release) and write back the same:
+//! the API server silently drops a field it does not know from a webhook's patch.
 //!
 //! 1. Istio's `istio-init` / `istio-validation` init containers are dropped from the expected
 //!    pod, from the `initContainers` list of its `sidecar.istio.io/status` and from its
@@ -253,24 +256,75 @@ fn normalise(pod: &mut Value, expected: bool, cni: bool, istio_seccomp: bool) {
 
 /// Paths where `a` and `b` differ, for a readable failure.
 fn diff(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
+    diff_as(a, b, path, out, ["podwire", "istio  "]);
+}
+
+/// Where `a` and `b` differ, each side shown under its label.
+fn diff_as(a: &Value, b: &Value, path: &str, out: &mut Vec<String>, labels: [&str; 2]) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
-                diff(
+                diff_as(
                     x.get(k).unwrap_or(&Value::Null),
                     y.get(k).unwrap_or(&Value::Null),
                     &format!("{path}/{k}"),
                     out,
+                    labels,
                 );
             }
         }
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
             for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                diff(p, q, &format!("{path}/{i}"), out);
+                diff_as(p, q, &format!("{path}/{i}"), out, labels);
             }
         }
-        _ if a != b => out.push(format!("{path}:\n   podwire: {a}\n   istio:   {b}")),
+        _ if a != b => out.push(format!(
+            "{path}:\n   {}: {a}\n   {}: {b}",
+            labels[0], labels[1]
+        )),
         _ => {}
+    }
+}
+
+/// `v` without its null members (Go's `creationTimestamp: null`, an unset field either way).
+fn without_nulls(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, x)| !x.is_null())
+                .map(|(k, x)| (k.clone(), without_nulls(x)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Whether `pod` (a pod template: metadata and spec) reads as the Kubernetes API's own
+/// `PodTemplateSpec` and writes back the same: a field the API does not know (a misspelling,
+/// a field of a newer release than the pinned one), which the API server drops from a
+/// webhook's patch without a word, or a value of the wrong type, fails here.
+fn survives_the_api_types(pod: &Value) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    let sent = without_nulls(&json!({"metadata": pod["metadata"], "spec": pod["spec"]}));
+    let typed: PodTemplateSpec = serde_json::from_value(sent.clone())
+        .map_err(|e| format!("is not a Kubernetes pod: {e}"))?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    diff_as(
+        &back,
+        &sent,
+        "",
+        &mut out,
+        ["the API keeps", "sent         "],
+    );
+    if out.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "changes through the Kubernetes API's types:\n  {}",
+            out.join("\n  ")
+        ))
     }
 }
 
@@ -366,6 +420,11 @@ fn istio_fixtures_match_after_the_documented_normaliser() {
                 case.want
             );
             apply_patch(&mut pod, &ops).unwrap_or_else(|e| panic!("{}: {e}", case.want));
+            for (who, p) in [("podwire's", &pod), ("Istio's", &expected)] {
+                if let Err(e) = survives_the_api_types(p) {
+                    failures.push(format!("{}: {who} pod {e}", case.want));
+                }
+            }
             // podwire-cni's view of the pod as injected: a sidecar in REDIRECT mode is
             // redirected, a gateway (Istio's `proxy router`) or another mode is not.
             let info: PodInfo = serde_json::from_value(pod.clone()).expect("pod info");
