@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod injected;
 pub mod podman;
 
 pub use podwire_netlab::{bins, chain, cri, lab, netns, probe};

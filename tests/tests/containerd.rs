@@ -1,25 +1,20 @@
 //! The kubelet path: containerd's CRI (Debian's containerd) creating pod sandboxes whose
 //! network podwire-cni sets up, chained by the agent's real `install`
 //! (`podwire_lab::cri::CriNode`, shared with `podwire demo --runtime containerd`).
+//!
+//! The mesh pods besides the reference one come from podwire's own injector (the webhook's
+//! decision and patch): Istio's sidecar in the native layout and in the classic one, each
+//! with the proxy's uid customised the Istio way, and a proxyless gRPC pod (`grpc-agent`)
+//! that podwire-cni must leave alone.
 
 use podwire_core::render::render;
 use podwire_core::saved::parse_nat;
 use podwire_core::{Family, MeshProfile, RedirectSpec};
 use podwire_lab::cri::{CriNode, GATEWAY};
+use podwire_lab::injected::{injected_pod, injected_with};
 use podwire_lab::lab::{pod_manifest, APP_PORT};
 use podwire_lab::probe::{self, connect};
 use podwire_lab::require_root;
-use serde_json::{json, Value};
-
-fn native_sidecar_pod(namespace: &str, name: &str, uid: u32) -> Value {
-    let mut pod = pod_manifest(namespace, name, true, &[]);
-    pod["spec"] = json!({
-        "initContainers": [{"name": "istio-proxy", "image": "proxy:1", "restartPolicy": "Always",
-            "securityContext": {"runAsUser": uid, "runAsGroup": uid}}],
-        "containers": [{"name": "app", "image": "app:1"}],
-    });
-    pod
-}
 
 #[test]
 fn containerd_cri_sets_up_mesh_pods_through_podwire() {
@@ -29,7 +24,9 @@ fn containerd_cri_sets_up_mesh_pods_through_podwire() {
     let mut node = CriNode::start().expect("containerd node");
     node.publish(&[
         pod_manifest("shop", "web", true, &[]),
-        native_sidecar_pod("shop", "native", 2100),
+        injected_pod("shop", "native", 2100, true),
+        injected_pod("shop", "classic", 2200, false),
+        injected_with(pod_manifest("shop", "proxyless", false, &[]), "grpc-agent"),
         pod_manifest("shop", "plain", false, &[]),
     ])
     .expect("publish");
@@ -55,35 +52,62 @@ fn containerd_cri_sets_up_mesh_pods_through_podwire() {
         ("PROXY-OUT", upstream.as_str())
     );
 
-    // Istio's native-sidecar layout: redirected, the proxy's uid from the init container.
-    let native = node
-        .run_sandbox("shop", "native")
-        .expect("RunPodSandbox native");
-    let (_, native_ns) = node.sandbox(&native).expect("native status");
-    let saved = native_ns.nat_rules("iptables-save").expect("save");
-    assert!(saved.contains("-A OUTPUT -j ISTIO_OUTPUT"), "{saved}");
-    assert!(saved.contains("--uid-owner 2100"), "{saved}");
+    // Istio's sidecar as podwire injects it, in both layouts: redirected, the proxy's uid
+    // from the pod's own override (read from the init container in the native layout), the
+    // status port Istio's template excludes left alone inbound.
+    let mut started = vec![(web, web_ns)];
+    for (name, uid) in [("native", 2100), ("classic", 2200)] {
+        let id = node
+            .run_sandbox("shop", name)
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:?}"));
+        let (_, ns) = node.sandbox(&id).expect("status");
+        let saved = ns.nat_rules("iptables-save").expect("save");
+        assert!(
+            saved.contains("-A OUTPUT -j ISTIO_OUTPUT"),
+            "{name}: {saved}"
+        );
+        assert!(
+            saved.contains(&format!("--uid-owner {uid}")),
+            "{name}: {saved}"
+        );
+        assert!(saved.contains("--dport 15020 -j RETURN"), "{name}: {saved}");
+        probe::start_proxy(&ns, false).expect("proxy");
+        let seen = connect(&ns, &upstream).expect("outbound");
+        assert_eq!(
+            (seen.label.as_str(), seen.orig.as_str()),
+            ("PROXY-OUT", upstream.as_str()),
+            "{name}: outbound reaches the proxy"
+        );
+        for (as_uid, want) in [(uid, "NODE"), (1337, "PROXY-OUT")] {
+            let seen = probe::connect_as(&ns, as_uid, GATEWAY, APP_PORT).expect("connect as");
+            assert_eq!(seen.label, want, "{name}: traffic of uid {as_uid}");
+        }
+        started.push((id, ns));
+    }
 
-    // A plain pod is left alone.
-    let plain = node
-        .run_sandbox("shop", "plain")
-        .expect("RunPodSandbox plain");
-    let (_, plain_ns) = node.sandbox(&plain).expect("plain status");
-    let saved = plain_ns.nat_rules("iptables-save").expect("save");
-    assert!(!saved.contains("ISTIO_"), "{saved}");
-    let seen = connect(&plain_ns, &upstream).expect("plain outbound");
-    assert_eq!(seen.label, "NODE");
+    // Left alone: a plain pod, and a proxyless gRPC pod (no Envoy listens on 15001/15006).
+    for name in ["plain", "proxyless"] {
+        let id = node
+            .run_sandbox("shop", name)
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:?}"));
+        let (_, ns) = node.sandbox(&id).expect("status");
+        let saved = ns.nat_rules("iptables-save").expect("save");
+        assert!(!saved.contains("ISTIO_"), "{name}: {saved}");
+        let seen = connect(&ns, &upstream).expect("outbound");
+        assert_eq!(seen.label, "NODE", "{name}");
+        started.push((id, ns));
+    }
 
     let mut uids = node.recorded_uids();
     uids.sort();
     assert_eq!(
         uids,
-        ["uid-native", "uid-web"],
+        ["uid-classic", "uid-native", "uid-web"],
         "one record per redirected pod"
     );
 
     // Stop and Remove (containerd calls DEL, the second time without a netns): clean.
-    for (id, ns) in [(web, web_ns), (native, native_ns), (plain, plain_ns)] {
+    for (id, ns) in started {
         node.stop_and_remove(&id, ns).expect("stop and remove");
     }
     assert_eq!(node.recorded_uids(), Vec::<String>::new());

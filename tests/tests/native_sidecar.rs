@@ -6,12 +6,11 @@
 //! patch), in both layouts, with the proxy's uid customised the Istio way (the pod declares
 //! its own `istio-proxy` with `image: auto` and a `runAsUser`).
 
-use podwire_core::inject::{apply_patch, plan, InjectorConfig};
-use podwire_core::MeshProfile;
+use podwire_lab::injected::{injected_pod, injected_with};
 use podwire_lab::lab::{pod_manifest, Lab, APP_PORT, NODE_V4};
 use podwire_lab::probe::{self, connect};
 use podwire_lab::require_root;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A mesh pod in the native-sidecar layout, proxy running as `uid`.
 fn native_sidecar_pod(namespace: &str, name: &str, uid: u32) -> serde_json::Value {
@@ -73,58 +72,6 @@ fn native_sidecar_pod_is_redirected_with_its_init_containers_identity() {
         .contains("ISTIO_"));
 }
 
-/// `pod` as podwire's injector (the webhook's decision and patch) leaves it.
-fn inject(pod: &mut Value) {
-    let p = plan(
-        pod,
-        None,
-        None,
-        &InjectorConfig::default(),
-        &MeshProfile::istio(),
-    )
-    .expect("readable pod");
-    assert!(p.decision.inject, "{}", p.decision.reason);
-    apply_patch(pod, &p.patch.expect("accepted")).expect("the patch applies");
-}
-
-/// An app pod as its author writes it, customising the proxy's identity, then injected by
-/// podwire (the webhook's decision and patch) in the layout `native` asks for.
-fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Value {
-    let mut pod = pod_manifest(namespace, name, false, &[]);
-    pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!(native.to_string());
-    pod["spec"]["containers"]
-        .as_array_mut()
-        .expect("containers")
-        .push(json!({"name": "istio-proxy", "image": "auto",
-            "securityContext": {"runAsUser": uid, "runAsGroup": uid}}));
-    inject(&mut pod);
-    let (list, other) = if native {
-        ("initContainers", "containers")
-    } else {
-        ("containers", "initContainers")
-    };
-    let proxies: Vec<&Value> = pod["spec"][list]
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter(|c| c["name"] == "istio-proxy")
-        .collect();
-    assert_eq!(proxies.len(), 1, "one proxy in {list}: {pod}");
-    let proxy = proxies[0];
-    assert_ne!(proxy["image"], json!("auto"), "image: auto resolves");
-    assert_eq!(proxy["securityContext"]["runAsUser"], json!(uid));
-    assert_eq!(proxy["args"][0], json!("proxy"));
-    assert_eq!(
-        proxy.get("restartPolicy").is_some(),
-        native,
-        "restartPolicy: Always only in the native layout"
-    );
-    assert!(pod["spec"][other]
-        .as_array()
-        .is_none_or(|l| l.iter().all(|c| c["name"] != "istio-proxy")));
-    pod
-}
-
 #[test]
 fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
     if !require_root() {
@@ -178,17 +125,6 @@ fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
             assert!(out.ok, "{name}: DEL failed in {plugin}: {out:?}");
         }
     }
-}
-
-/// `pod` injected by podwire with Istio's `template`.
-fn injected_with(mut pod: Value, template: &str) -> Value {
-    pod["metadata"]["annotations"]["inject.istio.io/templates"] = json!(template);
-    pod["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "true"});
-    inject(&mut pod);
-    assert!(pod["metadata"]["annotations"]
-        .get("sidecar.istio.io/status")
-        .is_some());
-    pod
 }
 
 /// What istio-cni leaves alone, podwire-cni leaves alone, in a real netns with real traffic:
