@@ -2415,6 +2415,19 @@ pub fn rewrite_probes(
 ) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     for c in inits.iter_mut().chain(app.iter_mut()) {
+        const PROBES: [(&str, &str); 3] = [
+            ("readinessProbe", "readyz"),
+            ("livenessProbe", "livez"),
+            ("startupProbe", "startupz"),
+        ];
+        const HOOKS: [(&str, &str); 2] = [("preStop", "prestopz"), ("postStart", "poststartz")];
+        // Most containers have neither: nothing is built for them.
+        let hooks = c.get("lifecycle").and_then(Value::as_object);
+        if !PROBES.iter().any(|(f, _)| c.get(f).is_some())
+            && !HOOKS.iter().any(|(f, _)| hooks.is_some_and(|h| h.contains_key(*f)))
+        {
+            continue;
+        }
         let name = name_of(c).to_string();
         let ports: BTreeMap<String, i64> = c
             .get("ports")
@@ -2428,26 +2441,21 @@ pub fn rewrite_probes(
                 ))
             })
             .collect();
-        for (field, url) in [
-            ("readinessProbe", format!("/app-health/{name}/readyz")),
-            ("livenessProbe", format!("/app-health/{name}/livez")),
-            ("startupProbe", format!("/app-health/{name}/startupz")),
-        ] {
+        for (field, path) in PROBES {
             let Some(probe) = c.get_mut(field) else {
                 continue;
             };
+            let url = format!("/app-health/{name}/{path}");
             if let Some(p) = prober(probe, &ports, status_port, true) {
                 out.insert(url.clone(), p);
             }
             convert(probe, &url, status_port, true);
         }
-        for (field, url) in [
-            ("preStop", format!("/app-lifecycle/{name}/prestopz")),
-            ("postStart", format!("/app-lifecycle/{name}/poststartz")),
-        ] {
-            let Some(h) = c.pointer_mut(&format!("/lifecycle/{field}")) else {
+        for (field, path) in HOOKS {
+            let Some(h) = c.get_mut("lifecycle").and_then(|l| l.get_mut(field)) else {
                 continue;
             };
+            let url = format!("/app-lifecycle/{name}/{path}");
             if let Some(p) = prober(h, &ports, status_port, false) {
                 out.insert(url.clone(), p);
             }
