@@ -42,10 +42,16 @@ impl PatchOp {
 
 /// Escape one JSON-pointer token (RFC 6901): `~` → `~0`, `/` → `~1`.
 pub fn escape_token(s: &str) -> String {
-    if !s.contains(['~', '/']) {
-        return s.to_string();
+    // One pass, one allocation: most annotation keys hold a `/`.
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        match c {
+            '~' => out.push_str("~0"),
+            '/' => out.push_str("~1"),
+            c => out.push(c),
+        }
     }
-    s.replace('~', "~0").replace('/', "~1")
+    out
 }
 
 /// Undo [`escape_token`] (`~1` first, so `~01` stays `~1`).
