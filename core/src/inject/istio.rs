@@ -2424,7 +2424,9 @@ pub fn rewrite_probes(
         // Most containers have neither: nothing is built for them.
         let hooks = c.get("lifecycle").and_then(Value::as_object);
         if !PROBES.iter().any(|(f, _)| c.get(f).is_some())
-            && !HOOKS.iter().any(|(f, _)| hooks.is_some_and(|h| h.contains_key(*f)))
+            && !HOOKS
+                .iter()
+                .any(|(f, _)| hooks.is_some_and(|h| h.contains_key(*f)))
         {
             continue;
         }
