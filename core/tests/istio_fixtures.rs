@@ -286,27 +286,20 @@ fn diff_as(a: &Value, b: &Value, path: &str, out: &mut Vec<String>, labels: [&st
     }
 }
 
-/// `v` without its null members (Go's `creationTimestamp: null`, an unset field either way).
-fn without_nulls(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(_, x)| !x.is_null())
-                .map(|(k, x)| (k.clone(), without_nulls(x)))
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
-        other => other.clone(),
-    }
-}
-
 /// Whether `pod` (a pod template: metadata and spec) reads as the Kubernetes API's own
 /// `PodTemplateSpec` and writes back the same: a field the API does not know (a misspelling,
 /// a field of a newer release than the pinned one), which the API server drops from a
-/// webhook's patch without a word, or a value of the wrong type, fails here.
+/// webhook's patch without a word, or a value of the wrong type, fails here. The only null
+/// allowed is Go's `creationTimestamp: null` (an unset time); any other null (an annotation's
+/// value, a container's name) is a difference.
 fn survives_the_api_types(pod: &Value) -> Result<(), String> {
     use k8s_openapi::api::core::v1::PodTemplateSpec;
-    let sent = without_nulls(&json!({"metadata": pod["metadata"], "spec": pod["spec"]}));
+    let mut sent = json!({"metadata": pod["metadata"], "spec": pod["spec"]});
+    if let Some(m) = sent["metadata"].as_object_mut() {
+        if m.get("creationTimestamp").is_some_and(Value::is_null) {
+            m.remove("creationTimestamp");
+        }
+    }
     let typed: PodTemplateSpec = serde_json::from_value(sent.clone())
         .map_err(|e| format!("is not a Kubernetes pod: {e}"))?;
     let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
@@ -325,6 +318,36 @@ fn survives_the_api_types(pod: &Value) -> Result<(), String> {
             "changes through the Kubernetes API's types:\n  {}",
             out.join("\n  ")
         ))
+    }
+}
+
+#[test]
+fn the_api_types_check_catches_what_the_api_server_drops_or_refuses() {
+    let pod = json!({
+        "metadata": {"name": "p", "annotations": {"a": "b"}, "creationTimestamp": null},
+        "spec": {"initContainers": [{"name": "istio-proxy", "image": "proxyv2",
+                                     "restartPolicy": "Always",
+                                     "securityContext": {"runAsUser": 1337}}],
+                 "containers": [{"name": "app", "image": "app"}]},
+    });
+    assert_eq!(survives_the_api_types(&pod), Ok(()));
+    for (pointer, bad) in [
+        // A misspelling: dropped by the API server, the sidecar becomes a blocking init.
+        ("/spec/initContainers/0/restartPolcy", json!("Always")),
+        // Wrong types: refused.
+        (
+            "/spec/initContainers/0/securityContext/runAsUser",
+            json!("1337"),
+        ),
+        ("/spec/containers/0/ports", json!([{"containerPort": "80"}])),
+        // A null where a value is needed.
+        ("/metadata/annotations/a", Value::Null),
+        ("/spec/containers/0/name", Value::Null),
+    ] {
+        let mut p = pod.clone();
+        let (parent, key) = pointer.rsplit_once('/').expect("a member");
+        p.pointer_mut(parent).expect("parent")[key] = bad;
+        assert!(survives_the_api_types(&p).is_err(), "{pointer} passed");
     }
 }
 

@@ -7,6 +7,17 @@ use podwire_core::inject::{apply_patch, plan, InjectorConfig};
 use podwire_core::MeshProfile;
 use serde_json::{json, Value};
 
+/// The status port [`injected_pod`] gives the proxy (Istio's default is 15020).
+pub const STATUS_PORT: u16 = 15030;
+
+/// Whether `saved` (iptables-save) exempts inbound `port` (a RETURN in ISTIO_INBOUND).
+pub fn inbound_exempt(saved: &str, port: u16) -> bool {
+    let ret = format!("--dport {port} -j RETURN");
+    saved
+        .lines()
+        .any(|l| l.starts_with("-A ISTIO_INBOUND ") && l.ends_with(&ret))
+}
+
 /// `pod` as podwire's injector (the webhook's decision and patch) leaves it.
 pub fn inject(pod: &mut Value) {
     let p = plan(
@@ -26,6 +37,10 @@ pub fn inject(pod: &mut Value) {
 pub fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Value {
     let mut pod = pod_manifest(namespace, name, false, &[]);
     pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!(native.to_string());
+    // The agent's status port moved off the default, so that the inbound exclusion Istio's
+    // template derives from it (`traffic.sidecar.istio.io/excludeInboundPorts`) is a port no
+    // default exempts: rules exempting it come from the injected annotation.
+    pod["metadata"]["annotations"]["status.sidecar.istio.io/port"] = json!(STATUS_PORT.to_string());
     pod["spec"]["containers"]
         .as_array_mut()
         .expect("containers")
@@ -46,6 +61,11 @@ pub fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Valu
     assert_eq!(proxies.len(), 1, "one proxy in {list}: {pod}");
     let proxy = proxies[0];
     assert_ne!(proxy["image"], json!("auto"), "image: auto resolves");
+    assert_eq!(
+        pod["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeInboundPorts"],
+        json!(STATUS_PORT.to_string()),
+        "the template excludes the status port inbound"
+    );
     assert_eq!(proxy["securityContext"]["runAsUser"], json!(uid));
     assert_eq!(proxy["args"][0], json!("proxy"));
     assert_eq!(

@@ -6,7 +6,7 @@
 //! patch), in both layouts, with the proxy's uid customised the Istio way (the pod declares
 //! its own `istio-proxy` with `image: auto` and a `runAsUser`).
 
-use podwire_lab::injected::{injected_pod, injected_with};
+use podwire_lab::injected::{inbound_exempt, injected_pod, injected_with, STATUS_PORT};
 use podwire_lab::lab::{pod_manifest, Lab, APP_PORT, NODE_V4};
 use podwire_lab::probe::{self, connect};
 use podwire_lab::require_root;
@@ -103,10 +103,11 @@ fn pods_injected_by_podwire_are_redirected_in_both_layouts() {
             ("PROXY-IN", target.as_str()),
             "{name}: inbound"
         );
-        // The status port Istio's template excludes (15020) is exempt inbound, and the proxy's
-        // own uid (from the pod's override) bypasses.
+        // The status port Istio's template excludes (moved to STATUS_PORT, which no default
+        // exempts) is exempt inbound, and the proxy's own uid (from the pod's override)
+        // bypasses.
         let saved = pod.netns.nat_rules("iptables-save").expect("save");
-        assert!(saved.contains("--dport 15020 -j RETURN"), "{name}: {saved}");
+        assert!(inbound_exempt(&saved, STATUS_PORT), "{name}: {saved}");
         assert!(
             saved.contains(&format!("--uid-owner {uid}")),
             "{name}: {saved}"

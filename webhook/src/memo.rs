@@ -173,7 +173,8 @@ impl Memo {
     pub const MAX_OBJECT_BYTES: usize = 16 << 10;
     /// Objects and answers kept, in all: the memo's share of the injector's memory.
     pub const MAX_BYTES: usize = 4 << 20;
-    /// Keys of objects seen once that are remembered (8 bytes each): a second sighting among
+    /// Keys of objects seen once that are remembered (~40 bytes each, queue and index): a
+    /// second sighting among
     /// the last this many distinct objects is kept.
     pub const MAX_NOTED: usize = 1024;
 
@@ -248,7 +249,10 @@ impl Memo {
             },
         };
         let mut inner = self.lock();
-        let inner = inner.for_config(config);
+        // Replaced meanwhile: the memo is the new config's now, not this answer's.
+        if !inner.holds(config) {
+            return;
+        }
         inner.bytes += entry.size();
         match inner.entries.insert(key, entry) {
             Some(replaced) => inner.bytes -= replaced.size(),
@@ -424,15 +428,24 @@ mod tests {
             let fresh = review_resolving(&malformed, &cfg, &|_| None, &MeshProfile::istio());
             assert_eq!(fresh.outcome, Outcome::Malformed);
         }
-        // A new config empties the memo, notes included.
+        // A new config empties the memo, notes included: a pod noted under the old config is
+        // a first sighting under the new one.
+        let noted = with(&body, |v| {
+            v["request"]["object"]["metadata"]["labels"]["noted"] = json!("once")
+        });
+        let rn = Request::read(&noted).expect("a pod CREATE");
+        let (noted_reviewed, noted_out) = fresh(&noted, &cfg, None);
+        memo.put(&rn, &cfg, None, &noted_reviewed, &noted_out);
         let other_cfg = Arc::new((*cfg).clone());
         memo.put(&r, &other_cfg, None, &reviewed, &out);
+        memo.put(&rn, &other_cfg, None, &noted_reviewed, &noted_out);
         assert_eq!(memo.len(), 0);
         assert!(memo.get(&r, &cfg, None).is_none());
         memo.put(&r, &other_cfg, None, &reviewed, &out);
         assert_eq!(memo.len(), 1);
         assert!(memo.get(&r, &cfg, None).is_none());
         assert!(memo.get(&r, &other_cfg, None).is_some());
+        assert!(memo.get(&rn, &other_cfg, None).is_none());
     }
 
     #[test]
