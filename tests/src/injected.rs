@@ -37,7 +37,7 @@ pub fn inject(pod: &mut Value) {
 pub fn injected_pod(namespace: &str, name: &str, uid: u32, native: bool) -> Value {
     let mut pod = pod_manifest(namespace, name, false, &[]);
     pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!(native.to_string());
-    // The agent's status port moved off the default, so that the inbound exclusion Istio's
+    // pilot-agent's status port moved off the default, so that the inbound exclusion Istio's
     // template derives from it (`traffic.sidecar.istio.io/excludeInboundPorts`) is a port no
     // default exempts: rules exempting it come from the injected annotation.
     pod["metadata"]["annotations"]["status.sidecar.istio.io/port"] = json!(STATUS_PORT.to_string());

@@ -174,8 +174,7 @@ impl Memo {
     /// Objects and answers kept, in all: the memo's share of the injector's memory.
     pub const MAX_BYTES: usize = 4 << 20;
     /// Keys of objects seen once that are remembered (~40 bytes each, queue and index): a
-    /// second sighting among
-    /// the last this many distinct objects is kept.
+    /// second sighting among the last this many distinct objects is kept.
     pub const MAX_NOTED: usize = 1024;
 
     fn key(&self, r: &Request<'_>) -> u64 {
