@@ -172,7 +172,12 @@ fn parse_list<T>(
     item: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Vec<T>> {
     if value.len() > 4096 {
-        return Err(invalid(key, &value[..64], "longer than 4096 bytes"));
+        // The error quotes the start only, cut on a character (a byte index may split one).
+        let head = value
+            .char_indices()
+            .nth(64)
+            .map_or(value, |(i, _)| &value[..i]);
+        return Err(invalid(key, head, "longer than 4096 bytes"));
     }
     value
         .split(',')

@@ -75,4 +75,23 @@ proptest! {
             prop_assert!(msg.contains(key), "error must name the annotation: {}", msg);
         }
     }
+
+    /// A value over the 4096-byte limit is refused whatever characters it holds; the error
+    /// quotes its start, cut on a character boundary (a byte index inside a multibyte
+    /// character used to panic, aborting the injector on one pod's CREATE).
+    #[test]
+    fn an_overlong_value_is_refused_not_a_panic(
+        key_idx in 0usize..KEYS.len(),
+        unit in prop_oneof![Just("€"), Just("é"), Just("𝄞"), Just("8"), Just("a,")],
+        lead in "[a-z0-9]{0,3}",
+        count in 4097usize..6000,
+    ) {
+        let p = MeshProfile::istio();
+        let key = KEYS[key_idx];
+        let value = format!("{lead}{}", unit.repeat(count));
+        let err = RedirectSpec::from_pod(&pod(key, &value), &p).expect_err("refused");
+        let msg = err.to_string();
+        prop_assert!(msg.contains(key) && msg.contains("longer than 4096 bytes"), "{}", msg);
+        prop_assert!(msg.len() < 1024, "the error quotes the start only: {} bytes", msg.len());
+    }
 }

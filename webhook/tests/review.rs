@@ -273,6 +273,32 @@ fn bad_annotations_are_refused_naming_them() {
     }
 }
 
+/// A traffic annotation over the length limit made of multibyte characters: refused with a
+/// 422 like any bad value. Cutting its quoted start at byte 64 used to land inside a
+/// character and panic, which aborts a serving injector (`panic = "abort"`) on one CREATE.
+#[test]
+fn an_overlong_multibyte_annotation_is_refused_not_a_crash() {
+    let key = "traffic.sidecar.istio.io/excludeInboundPorts";
+    let mut body: Value =
+        serde_json::from_slice(&std::fs::read(fixture("bad-annotation.json")).expect("fixture"))
+            .expect("fixture JSON");
+    body["request"]["object"]["metadata"]["annotations"][key] = json!("€".repeat(2000));
+    let config = fixture("config.yaml");
+    let r = run_with(
+        &["review", "--config", config.to_str().expect("utf-8 path")],
+        &serde_json::to_vec(&body).expect("JSON"),
+    );
+    assert!(r.status.success(), "{r:?}");
+    let resp = &serde_json::from_str::<Value>(&r.stdout).expect("answer")["response"];
+    assert_eq!(resp["allowed"], json!(false), "{resp}");
+    assert_eq!(resp["status"]["code"], json!(422), "{resp}");
+    let msg = resp["status"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains(key) && msg.contains("longer than 4096 bytes") && msg.contains("€"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn inject_true_in_an_unselected_namespace_warns() {
     // Without namespace labels the API server has selected the namespace: injected.
