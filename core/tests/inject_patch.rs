@@ -3,7 +3,7 @@
 //! is not the point). `UPDATE_GOLDEN=1 cargo test -p podwire-core --test inject_patch`
 //! rewrites tests/golden/inject/NAME.patch.json; review the diff.
 
-use podwire_core::inject::{apply_patch, plan, InjectorConfig, PatchOp, Step};
+use podwire_core::inject::{apply_patch, plan, read_pod, InjectorConfig, PatchOp, Step};
 use podwire_core::{mesh_decision, Error, MeshProfile, PodInfo, RedirectSpec};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -360,6 +360,56 @@ fn surprising_pods_get_warnings() {
     assert!(w.contains("only programs REDIRECT"), "{w}");
     assert!(w.contains("from the pod's annotation"), "{w}");
     assert!(w.contains("container app runs as uid 1337"), "{w}");
+    // The uid or group each container runs as, its own or the pod's (kubelet's rule), against
+    // the proxy's as merged (the pod's own istio-proxy may change it); a sidecar the pod
+    // starts counts, a plain init container does not (Istio's way to reach the network
+    // before the proxy starts is to run it as the proxy's uid).
+    for (pod, want, not) in [
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"securityContext": {"runAsUser": 1337},
+                   "containers": [{"name": "app"}]}}),
+            vec!["container app runs as uid 1337"],
+            vec![],
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"securityContext": {"runAsUser": 1337},
+                   "containers": [{"name": "app", "securityContext": {"runAsUser": 1000}}]}}),
+            vec![],
+            vec!["container app runs as"],
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"containers": [
+                {"name": "app", "securityContext": {"runAsUser": 1000, "runAsGroup": 1337}}]}}),
+            vec!["container app runs as gid 1337, the proxy's group"],
+            vec![],
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"securityContext": {"runAsUser": 1000},
+                   "containers": [{"name": "app"},
+                                  {"name": "istio-proxy", "securityContext": {"runAsUser": 1000}}]}}),
+            vec!["container app runs as uid 1000, the proxy's"],
+            vec![],
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {
+                   "initContainers": [
+                       {"name": "setup", "securityContext": {"runAsUser": 1337}},
+                       {"name": "logs", "restartPolicy": "Always", "securityContext": {"runAsUser": 1337}}],
+                   "containers": [{"name": "app"}]}}),
+            vec!["container logs runs as uid 1337"],
+            vec!["container setup"],
+        ),
+    ] {
+        let planned = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+        assert!(planned.patch.is_ok(), "{pod}: {:?}", planned.patch);
+        let w = planned.decision.warnings.join("\n");
+        for s in want {
+            assert!(w.contains(s), "{pod}: want {s:?} in {w}");
+        }
+        for s in not {
+            assert!(!w.contains(s), "{pod}: {s:?} in {w}");
+        }
+    }
     // The mode as rendered, wherever it came from: the pod's ProxyConfig, the mesh's.
     let pod = json!({"metadata": {"name": "x", "annotations": {"proxy.istio.io/config": "interceptionMode: TPROXY"}},
                      "spec": {"containers": [{"name": "app"}]}});
@@ -405,21 +455,49 @@ fn unreadable_objects_are_errors_not_panics() {
 
 #[test]
 fn null_members_of_the_pods_own_proxy_read_as_absent() {
-    // As a hand-written manifest has it (`securityContext:` with nothing after it).
-    let pod = json!({
-        "metadata": {"name": "p", "namespace": "shop"},
-        "spec": {"containers": [
-            {"name": "app", "image": "app"},
-            {"name": "istio-proxy", "image": "auto", "securityContext": null, "restartPolicy": null}
-        ]}
-    });
-    let mut patched = pod.clone();
-    apply_patch(&mut patched, &patch_for(&pod, &InjectorConfig::default())).expect("applies");
-    let proxy = patched["spec"]["initContainers"]
-        .as_array()
-        .and_then(|l| l.iter().find(|c| c["name"] == "istio-proxy"))
-        .expect("the proxy, a native sidecar");
-    assert_eq!(proxy["securityContext"], Value::Null, "{proxy}");
+    // As a hand-written manifest has it (`securityContext:` with nothing after it), and as
+    // Istio's typed decode reads it: absent, so the template's values stay. The pod runs as
+    // 1000: had the null wiped the proxy's own uid, the proxy would run as 1000 while
+    // podwire-cni exempts 1337, looping its traffic back to itself.
+    for own in [
+        json!({"name": "istio-proxy", "image": "auto", "securityContext": null, "restartPolicy": null}),
+        json!({"name": "istio-proxy", "image": "auto",
+               "securityContext": {"runAsUser": null, "runAsGroup": null}}),
+    ] {
+        let pod = json!({
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {
+                "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
+                "containers": [{"name": "app", "image": "app"}, own]
+            }
+        });
+        let mut patched = pod.clone();
+        apply_patch(&mut patched, &patch_for(&pod, &InjectorConfig::default())).expect("applies");
+        let proxy = patched["spec"]["initContainers"]
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == "istio-proxy"))
+            .expect("the proxy, a native sidecar");
+        assert_eq!(proxy["restartPolicy"], json!("Always"), "{proxy}");
+        assert_eq!(
+            proxy["securityContext"]["runAsUser"],
+            json!(1337),
+            "{proxy}"
+        );
+        assert_eq!(
+            proxy["securityContext"]["runAsGroup"],
+            json!(1337),
+            "{proxy}"
+        );
+        // What the plugin will exempt is what the proxy runs as.
+        let info = read_pod(&patched).expect("readable");
+        let spec = RedirectSpec::from_pod(&info, &MeshProfile::istio()).expect("redirected");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (1337, 1337));
+        // Istio's record of the pod's own container holds no null either.
+        let overrides = patched["metadata"]["annotations"]["proxy.istio.io/overrides"]
+            .as_str()
+            .expect("overrides annotation");
+        assert!(!overrides.contains("null"), "{overrides}");
+    }
 }
 
 #[test]

@@ -311,6 +311,8 @@ impl Reader<'_> {
 }
 
 /// Drop nulls inside a mapping (Helm's `omitNil`), recursively.
+/// `v` without null members at any depth: a null reads as absent, as Go's typed decode of the
+/// same JSON has it (an unset pointer or omitempty field).
 fn omit_nil(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
@@ -319,6 +321,7 @@ fn omit_nil(v: &Value) -> Value {
                 .map(|(k, v)| (k.clone(), omit_nil(v)))
                 .collect(),
         ),
+        Value::Array(a) => Value::Array(a.iter().map(omit_nil).collect()),
         other => other.clone(),
     }
 }
@@ -1496,10 +1499,13 @@ pub fn render(
     let mut app = containers(spec, "containers");
     let mut inits = containers(spec, "initContainers");
     // The pod's own istio-proxy (customisation), taken out: it is merged over the template.
+    // Its nulls read as absent, as Istio's typed decode has them: `securityContext: null` or
+    // `restartPolicy: null` keeps the template's (it used to wipe the proxy's uid, which the
+    // plugin then exempted while the proxy ran as the pod's: a traffic loop).
     let mut own: Option<Value> = None;
     for list in [&mut app, &mut inits] {
         if let Some(i) = list.iter().position(|c| name_of(c) == o.name) {
-            own = Some(list.remove(i));
+            own = Some(omit_nil(&list.remove(i)));
         }
     }
     // A pod's own istio-init / istio-validation customises Istio's init containers, which

@@ -100,9 +100,6 @@ pub fn plan_in(
     }
     let mut decision = decide(&info, namespace_labels, cfg, profile);
     let patch = if decision.inject {
-        decision
-            .warnings
-            .extend(mutation_warnings(&info, cfg, profile));
         let derived;
         let workload = match workload {
             Some(w) => w,
@@ -176,31 +173,6 @@ fn kind_of(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// Things about an injected pod that would surprise its author.
-fn mutation_warnings(info: &PodInfo, cfg: &InjectorConfig, profile: &MeshProfile) -> Vec<String> {
-    let mut w = Vec::new();
-    // A gateway or a proxyless gRPC pod is not redirected: nothing below applies (their own
-    // warnings come from the render).
-    if info
-        .annotation(istio::TEMPLATES)
-        .and_then(|t| istio::Template::parse(t).ok())
-        .is_some_and(|t| !t.redirected())
-    {
-        return w;
-    }
-    // (A mode other than REDIRECT is said by the render, which knows where it came from.)
-    let (uid, _) = cfg.proxy_ids(profile);
-    for c in &info.spec.containers {
-        if c.security_context.as_ref().and_then(|s| s.run_as_user) == Some(i64::from(uid)) {
-            w.push(format!(
-                "container {} runs as uid {uid}, the proxy's: its traffic bypasses the proxy",
-                c.name
-            ));
-        }
-    }
-    w
 }
 
 /// The patch adding the proxy to `pod` (the object as sent; `info` is its slim view).
@@ -296,8 +268,124 @@ pub fn render_pod(
         };
         view.spec.containers.push(c);
     }
-    RedirectSpec::from_pod(&view, profile)?;
+    let redirect = RedirectSpec::from_pod(&view, profile)?;
+    let mut rendered = rendered;
+    if let Some(proxy) = rendered.proxy(&overrides.name) {
+        if redirected_template(pod) {
+            let ids = Identities::of_pod(pod);
+            check_proxy_ids(proxy, &ids, &redirect, &overrides.name)?;
+            let w = app_id_warnings(pod, &ids, &redirect, &overrides.name);
+            rendered.warnings.extend(w);
+        }
+    }
     Ok(rendered)
+}
+
+/// Whether the pod's template is one podwire-cni redirects (the sidecar, not a gateway or
+/// proxyless gRPC).
+fn redirected_template(pod: &Value) -> bool {
+    istio::member_at(pod, &["metadata", "annotations", istio::TEMPLATES])
+        .and_then(Value::as_str)
+        .and_then(|t| istio::Template::parse(t).ok())
+        .is_none_or(|t| t.redirected())
+}
+
+/// The pod-level `runAsUser` / `runAsGroup`, which a container without its own runs as.
+struct Identities {
+    uid: Option<i64>,
+    gid: Option<i64>,
+}
+
+impl Identities {
+    fn of_pod(pod: &Value) -> Self {
+        Identities::of(istio::member_at(pod, &["spec", "securityContext"]))
+    }
+
+    fn of(sc: Option<&Value>) -> Self {
+        let id = |k: &str| sc.and_then(|s| s.get(k)).and_then(Value::as_i64);
+        Identities {
+            uid: id("runAsUser"),
+            gid: id("runAsGroup"),
+        }
+    }
+
+    /// A container's own, falling back to the pod's (kubelet's rule); `None`: the image's.
+    fn effective(container: &Value, pod: &Identities) -> Self {
+        let own = Identities::of(container.get("securityContext"));
+        Identities {
+            uid: own.uid.or(pod.uid),
+            gid: own.gid.or(pod.gid),
+        }
+    }
+}
+
+/// The uid the proxy will run as must be the one podwire-cni exempts, which it reads from the
+/// proxy container alone: a proxy that runs as the pod's uid instead would have its own
+/// traffic sent back to itself.
+fn check_proxy_ids(
+    proxy: &Json,
+    pod: &Identities,
+    redirect: &RedirectSpec,
+    name: &str,
+) -> Result<()> {
+    let own = proxy.read_member::<Option<Value>>("securityContext");
+    let own = own.and_then(|r| r.ok()).flatten();
+    let runs = Identities::effective(&json!({ "securityContext": own }), pod);
+    match runs.uid {
+        Some(uid) if uid != i64::from(redirect.proxy_uid) => Err(Error::InvalidPod {
+            reason: format!(
+                "container {name} would run as uid {uid} (the pod's securityContext.runAsUser) \
+                 but podwire-cni exempts uid {} from redirection, which would loop the proxy's \
+                 own traffic back to it: set securityContext.runAsUser on {name}",
+                redirect.proxy_uid
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// App containers (and sidecars the pod starts beside them) whose traffic podwire-cni will
+/// let past the proxy: they run as the proxy's uid or group. Plain init containers are left
+/// out: running one as the proxy's uid is Istio's documented way to let it reach the network
+/// before the proxy starts.
+fn app_id_warnings(
+    pod: &Value,
+    pod_ids: &Identities,
+    redirect: &RedirectSpec,
+    name: &str,
+) -> Vec<String> {
+    let list = |k: &str| {
+        istio::member_at(pod, &["spec", k])
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    };
+    let sidecars = list("initContainers")
+        .iter()
+        .filter(|c| c.get("restartPolicy").and_then(Value::as_str) == Some("Always"));
+    let mut w = Vec::new();
+    for c in list("containers").iter().chain(sidecars) {
+        let Some(cname) = c.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        if cname == name {
+            continue;
+        }
+        let runs = Identities::effective(c, pod_ids);
+        if runs.uid == Some(i64::from(redirect.proxy_uid)) {
+            w.push(format!(
+                "container {cname} runs as uid {}, the proxy's: its traffic bypasses the proxy",
+                redirect.proxy_uid
+            ));
+        } else if runs.gid == Some(i64::from(redirect.proxy_gid)) {
+            w.push(format!(
+                "container {cname} runs as gid {}, the proxy's group: its traffic bypasses the \
+                 proxy",
+                redirect.proxy_gid
+            ));
+        }
+    }
+    w
 }
 
 /// What a render reads from the config alone, built once per config (see
@@ -494,6 +582,28 @@ pub fn apply_patch(doc: &mut Value, ops: &[PatchOp]) -> std::result::Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_that_would_run_as_the_pods_uid_is_refused() {
+        let spec =
+            RedirectSpec::from_pod(&PodInfo::default(), &MeshProfile::istio()).expect("spec");
+        let pod = Identities::of_pod(&json!({"spec": {"securityContext": {"runAsUser": 1000}}}));
+        // No uid of its own: kubelet runs it as the pod's 1000, the plugin exempts 1337.
+        let bare = Json::from(json!({"name": "istio-proxy"}));
+        let err = check_proxy_ids(&bare, &pod, &spec, "istio-proxy").expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("uid 1000") && msg.contains("exempts uid 1337"),
+            "{msg}"
+        );
+        // Its own uid wins over the pod's; so does no uid anywhere (the image's, as the plugin
+        // assumes the profile's).
+        let own =
+            Json::from(json!({"name": "istio-proxy", "securityContext": {"runAsUser": 1337}}));
+        assert!(check_proxy_ids(&own, &pod, &spec, "istio-proxy").is_ok());
+        let nobody = Identities::of_pod(&json!({"spec": {}}));
+        assert!(check_proxy_ids(&bare, &nobody, &spec, "istio-proxy").is_ok());
+    }
 
     #[test]
     fn pointer_tokens_escape_and_unescape() {
