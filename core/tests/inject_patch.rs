@@ -501,6 +501,30 @@ fn null_members_of_the_pods_own_proxy_read_as_absent() {
 }
 
 #[test]
+fn a_native_proxy_the_pod_makes_a_plain_init_container_is_refused() {
+    let pod = json!({
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"containers": [
+            {"name": "app", "image": "app"},
+            {"name": "istio-proxy", "image": "auto", "restartPolicy": "OnFailure"}
+        ]}
+    });
+    let planned = plan(
+        &pod,
+        None,
+        None,
+        &InjectorConfig::default(),
+        &MeshProfile::istio(),
+    )
+    .expect("readable");
+    let msg = planned.patch.expect_err("refused").to_string();
+    assert!(
+        msg.contains("restartPolicy \"OnFailure\"") && msg.contains("needs restartPolicy Always"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn the_pods_volumes_keep_the_first_of_each_name() {
     let pod = json!({
         "metadata": {"name": "p", "namespace": "shop"},

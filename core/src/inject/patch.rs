@@ -271,6 +271,21 @@ pub fn render_pod(
     let redirect = RedirectSpec::from_pod(&view, profile)?;
     let mut rendered = rendered;
     if let Some(proxy) = rendered.proxy(&overrides.name) {
+        // The native layout's proxy must be a sidecar: as a plain init container (the pod's
+        // own istio-proxy overriding restartPolicy) it never exits and the pod never starts.
+        let policy = proxy.str_member("restartPolicy");
+        if rendered.native && policy != Some("Always") {
+            return Err(Error::InvalidPod {
+                reason: format!(
+                    "container {} sets restartPolicy {:?}: as a native sidecar the proxy needs \
+                     restartPolicy Always, else it blocks the pod's start; remove restartPolicy \
+                     from the pod's own {}",
+                    overrides.name,
+                    policy.unwrap_or(""),
+                    overrides.name
+                ),
+            });
+        }
         if redirected_template(pod) {
             let ids = Identities::of_pod(pod);
             check_proxy_ids(proxy, &ids, &redirect, &overrides.name)?;
