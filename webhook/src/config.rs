@@ -11,7 +11,7 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadedConfig {
     pub config: InjectorConfig,
-    /// Valid but probably not meant (unknown keys, a proxy name the plugin does not know):
+    /// Valid but probably not meant (unknown keys, an unrecognised policy):
     /// said once at start-up.
     pub warnings: Vec<String>,
 }

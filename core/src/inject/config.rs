@@ -290,12 +290,34 @@ impl InjectorConfig {
                     format!("{k} is written by the injector itself"),
                 ));
             }
+            // Written over every injected pod's own, these would switch podwire-cni off for
+            // all of them, with no per-pod warning (the mode belongs in the mesh's
+            // defaultConfig.interceptionMode, which the render reports).
+            if k == profile.inject_key || k == profile.interception_mode_key {
+                return Err(err(
+                    "injectedAnnotations".into(),
+                    format!(
+                        "{k} decides whether podwire-cni redirects the pod; set on every \
+                         injected pod it would leave them all unredirected"
+                    ),
+                ));
+            }
         }
         let name = self.proxy_name(profile);
         if !is_dns_label(name) {
             return Err(err(
                 "proxy.name".into(),
                 format!("{name:?} is not a container name (DNS label: a-z 0-9 -, at most 63)"),
+            ));
+        }
+        if name != profile.proxy_container {
+            return Err(err(
+                "proxy.name".into(),
+                format!(
+                    "{name:?}: podwire-cni redirects only pods with a {} container, so every \
+                     injected pod would run unredirected; remove proxy.name",
+                    profile.proxy_container
+                ),
             ));
         }
         if self.proxy_image().is_some_and(|i| i.trim().is_empty()) {
@@ -353,14 +375,6 @@ impl InjectorConfig {
     /// Valid but probably not meant: said once when the config is loaded.
     pub fn warnings(&self, profile: &MeshProfile) -> Vec<String> {
         let mut w = Vec::new();
-        let name = self.proxy_name(profile);
-        if name != profile.proxy_container {
-            w.push(format!(
-                "proxy.name {name:?}: the CNI plugin only redirects pods with a {} container, so \
-                 injected pods will not be redirected",
-                profile.proxy_container
-            ));
-        }
         if let Policy::Unrecognized(p) = &self.policy {
             w.push(format!(
                 "policy {p:?} is not recognized (enabled|disabled): pods are injected only when \
@@ -454,6 +468,18 @@ mod tests {
             ),
             (
                 serde_json::json!({"injectedAnnotations": {"sidecar.istio.io/status": "x"}}),
+                "injectedAnnotations",
+            ),
+            (
+                serde_json::json!({"proxy": {"name": "envoy"}}),
+                "proxy.name",
+            ),
+            (
+                serde_json::json!({"injectedAnnotations": {"sidecar.istio.io/inject": "false"}}),
+                "injectedAnnotations",
+            ),
+            (
+                serde_json::json!({"injectedAnnotations": {"sidecar.istio.io/interceptionMode": "NONE"}}),
                 "injectedAnnotations",
             ),
         ];
