@@ -123,6 +123,18 @@ pub fn review_resolving(
             dry_run,
         )
     };
+    // The API server always names the kind: a request without one is malformed, not "some
+    // other kind" to let through unchanged.
+    if req.kind.kind.is_empty() {
+        let message = "request.kind is missing: cannot tell what is being admitted".to_string();
+        return finish(
+            deny(req.uid.clone(), 400, "BadRequest", &message, Vec::new()),
+            Outcome::Malformed,
+            None,
+            message,
+            dry_run,
+        );
+    }
     if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         let msg = format!(
             "the injector only mutates Pods; {} was not changed (check the webhook's rules)",
@@ -157,6 +169,20 @@ pub fn review_resolving(
         return malformed("request.object is missing: no pod to inject".to_string());
     };
     let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+    // The request's namespace is where the pod is created; an object naming another (which
+    // the API server itself refuses) would be decided on the other's rules.
+    let own_ns = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty());
+    if let (Some(req_ns), Some(own)) = (ns, own_ns) {
+        if req_ns != own {
+            return malformed(format!(
+                "the object's metadata.namespace {own:?} does not match the request's namespace \
+                 {req_ns:?}"
+            ));
+        }
+    }
     let namespace_labels = labels_of(ns.unwrap_or_else(|| {
         object
             .pointer("/metadata/namespace")
@@ -378,6 +404,17 @@ mod tests {
             ),
             body(
                 json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": ""}}),
+            ),
+            // No kind: not "another kind" to let through unchanged.
+            body(
+                json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                       "request": {"uid": "x", "namespace": "shop", "operation": "CREATE",
+                                   "object": {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}}}}),
+            ),
+            // The object in another namespace than the request's (kube-system is never injected).
+            pod_review(
+                json!({"metadata": {"name": "p", "namespace": "kube-system"},
+                              "spec": {"containers": [{"name": "app"}]}}),
             ),
         ] {
             let r = review_detailed(&b, &cfg, None, &MeshProfile::istio());
