@@ -501,6 +501,22 @@ fn null_members_of_the_pods_own_proxy_read_as_absent() {
 }
 
 #[test]
+fn dns_capture_is_said_to_be_off() {
+    let p = MeshProfile::istio();
+    let with = |pc: &str| {
+        let pod = json!({"metadata": {"name": "x", "annotations": {"proxy.istio.io/config": pc}},
+                         "spec": {"containers": [{"name": "app"}]}});
+        let planned = plan(&pod, None, None, &InjectorConfig::default(), &p).expect("readable");
+        assert!(planned.patch.is_ok(), "{:?}", planned.patch);
+        planned.decision.warnings.join("\n")
+    };
+    let w = with("proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"true\"}");
+    assert!(w.contains("does not redirect DNS"), "{w}");
+    let w = with("proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"false\"}");
+    assert!(!w.contains("DNS"), "{w}");
+}
+
+#[test]
 fn a_native_proxy_the_pod_makes_a_plain_init_container_is_refused() {
     let pod = json!({
         "metadata": {"name": "p", "namespace": "shop"},

@@ -2049,6 +2049,20 @@ pub fn render(
             json!(label("security.istio.io/tlsMode").unwrap_or("istio")),
         );
     }
+    // Istio's CNI adds DNS rules (port 53 to the agent's 15053) for DNS capture; podwire-cni
+    // does not, so the agent's DNS proxy would sit unused.
+    if template == Template::Sidecar
+        && metadata
+            .get("ISTIO_META_DNS_CAPTURE")
+            .and_then(|v| parse_bool(v))
+            == Some(true)
+    {
+        warnings.push(
+            "proxyMetadata ISTIO_META_DNS_CAPTURE is true, but podwire-cni does not redirect \
+             DNS (port 53) to the proxy: the pod's DNS queries bypass Istio's DNS proxy"
+                .to_string(),
+        );
+    }
     if metadata.get("ISTIO_META_ENABLE_HBONE").map(String::as_str) == Some("true")
         && template == Template::Sidecar
     {
