@@ -68,7 +68,7 @@ pub fn parse_config(
         // An empty file is the default config.
         serde_yaml_ng::Value::Null => {
             return Ok(LoadedConfig {
-                warnings: InjectorConfig::default().warnings(profile),
+                warnings: InjectorConfig::default().warnings(),
                 config: InjectorConfig::default(),
             })
         }
@@ -86,7 +86,7 @@ pub fn parse_config(
     let config: InjectorConfig = serde_yaml_ng::from_str(text).map_err(parse_err)?;
     let config = with_istio_settings(config, cm_values, None, origin, profile)?;
     let mut warnings = InjectorConfig::unknown_keys(keys.iter().map(String::as_str));
-    warnings.extend(config.warnings(profile));
+    warnings.extend(config.warnings());
     Ok(LoadedConfig { config, warnings })
 }
 

@@ -373,7 +373,7 @@ impl InjectorConfig {
     }
 
     /// Valid but probably not meant: said once when the config is loaded.
-    pub fn warnings(&self, profile: &MeshProfile) -> Vec<String> {
+    pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if let Policy::Unrecognized(p) = &self.policy {
             w.push(format!(
