@@ -288,7 +288,14 @@ pub fn render_pod(
         }
         if redirected_template(pod) {
             let ids = Identities::of_pod(pod);
-            check_proxy_ids(proxy, &ids, &redirect, &overrides.name)?;
+            // The proxy's own uid, as the plugin's parser read it above.
+            let own_uid = view
+                .spec
+                .containers
+                .first()
+                .and_then(|c| c.security_context.as_ref())
+                .and_then(|s| s.run_as_user);
+            check_proxy_uid(own_uid, &ids, &redirect, &overrides.name)?;
             let w = app_id_warnings(pod, &ids, &redirect, &overrides.name);
             rendered.warnings.extend(w);
         }
@@ -337,16 +344,13 @@ impl Identities {
 /// The uid the proxy will run as must be the one podwire-cni exempts, which it reads from the
 /// proxy container alone: a proxy that runs as the pod's uid instead would have its own
 /// traffic sent back to itself.
-fn check_proxy_ids(
-    proxy: &Json,
+fn check_proxy_uid(
+    own_uid: Option<i64>,
     pod: &Identities,
     redirect: &RedirectSpec,
     name: &str,
 ) -> Result<()> {
-    let own = proxy.read_member::<Option<Value>>("securityContext");
-    let own = own.and_then(|r| r.ok()).flatten();
-    let runs = Identities::effective(&json!({ "securityContext": own }), pod);
-    match runs.uid {
+    match own_uid.or(pod.uid) {
         Some(uid) if uid != i64::from(redirect.proxy_uid) => Err(Error::InvalidPod {
             reason: format!(
                 "container {name} would run as uid {uid} (the pod's securityContext.runAsUser) \
@@ -604,8 +608,7 @@ mod tests {
             RedirectSpec::from_pod(&PodInfo::default(), &MeshProfile::istio()).expect("spec");
         let pod = Identities::of_pod(&json!({"spec": {"securityContext": {"runAsUser": 1000}}}));
         // No uid of its own: kubelet runs it as the pod's 1000, the plugin exempts 1337.
-        let bare = Json::from(json!({"name": "istio-proxy"}));
-        let err = check_proxy_ids(&bare, &pod, &spec, "istio-proxy").expect_err("refused");
+        let err = check_proxy_uid(None, &pod, &spec, "istio-proxy").expect_err("refused");
         let msg = err.to_string();
         assert!(
             msg.contains("uid 1000") && msg.contains("exempts uid 1337"),
@@ -613,11 +616,9 @@ mod tests {
         );
         // Its own uid wins over the pod's; so does no uid anywhere (the image's, as the plugin
         // assumes the profile's).
-        let own =
-            Json::from(json!({"name": "istio-proxy", "securityContext": {"runAsUser": 1337}}));
-        assert!(check_proxy_ids(&own, &pod, &spec, "istio-proxy").is_ok());
+        assert!(check_proxy_uid(Some(1337), &pod, &spec, "istio-proxy").is_ok());
         let nobody = Identities::of_pod(&json!({"spec": {}}));
-        assert!(check_proxy_ids(&bare, &nobody, &spec, "istio-proxy").is_ok());
+        assert!(check_proxy_uid(None, &nobody, &spec, "istio-proxy").is_ok());
     }
 
     #[test]
