@@ -38,7 +38,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut stdin = Vec::new();
-    let read = std::io::stdin().take(MAX_STDIN).read_to_end(&mut stdin);
+    // One byte past the limit tells a config that is too large from one that fits exactly:
+    // a cut config must not be read (its start may parse, what follows the cut is unread).
+    let read = std::io::stdin().take(MAX_STDIN + 1).read_to_end(&mut stdin);
+    let too_large = stdin.len() as u64 > MAX_STDIN;
+    if too_large {
+        stdin.clear();
+    }
 
     // Parsed once: logging settings come from it, and a broken config still gets logged.
     let conf = config::NetConf::parse(&stdin);
@@ -54,6 +60,10 @@ fn main() -> ExitCode {
 
     let result = match read {
         Err(e) => Err(error::PluginError::Io(format!("cannot read stdin: {e}"))),
+        Ok(_) if too_large => Err(error::PluginError::Decode(format!(
+            "the network configuration on stdin is larger than {} MiB",
+            MAX_STDIN >> 20
+        ))),
         Ok(_) => env::CniEnv::from_lookup(|k| std::env::var(k).ok())
             .and_then(|e| plugin::run(&e, conf, &stdin)),
     };

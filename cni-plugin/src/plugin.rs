@@ -155,6 +155,9 @@ fn tools_for(
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
+    // The previous result is passed on as this plugin's: one that does not read as a result
+    // is refused whatever the pod, not printed as ours.
+    let ipv6 = conf.has_ipv6()?;
     let Some(pod_ref) = &env.pod else {
         debug!("pass-through: no K8S_POD_NAME in CNI_ARGS, not a pod podwire can identify");
         return Ok(pass_through(conf));
@@ -162,7 +165,6 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
     let Some(pod) = resolve(conf, pod_ref)? else {
         return Ok(pass_through(conf));
     };
-    let ipv6 = conf.has_ipv6();
     let sets = rulesets(&pod, pod_ref, ipv6)?;
     let netns = env.netns.clone().unwrap_or_default();
     let backend = iptables::detect(conf.iptables);
@@ -318,7 +320,10 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     };
     let _lock = attachment_lock(conf, env)?;
     let rec = record::read(&conf.state_dir, &env.container_id, &env.ifname);
-    let ipv6 = rec.as_ref().map_or_else(|| conf.has_ipv6(), |r| r.ipv6);
+    let ipv6 = match &rec {
+        Some(r) => r.ipv6,
+        None => conf.has_ipv6()?,
+    };
     let backend = rec
         .as_ref()
         .and_then(|r| Concrete::from_name(&r.backend))

@@ -11,6 +11,11 @@ use serde_json::{json, Value};
 const PREV: &str = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"x"}],"ips":[{"address":"198.18.0.9/24","interface":0}],"dns":{},"custom":{"kept":[1,2.50]}}"#;
 
 fn conf(lab: &Lab, extra: Value) -> String {
+    conf_prev(lab, extra, PREV)
+}
+
+/// [`conf`] with `prev` as the previous plugin's result.
+fn conf_prev(lab: &Lab, extra: Value, prev: &str) -> String {
     let mut c = json!({
         "cniVersion": "1.0.0", "name": "contract", "type": "podwire-cni",
         "agentSocket": lab.socket().display().to_string(),
@@ -22,7 +27,7 @@ fn conf(lab: &Lab, extra: Value) -> String {
     }
     let mut s = c.to_string();
     s.truncate(s.len() - 1);
-    format!("{s},\"prevResult\":{PREV}}}")
+    format!("{s},\"prevResult\":{prev}}}")
 }
 
 fn run(command: &str, netns: &str, pod: &str, stdin: &str) -> CniOutcome {
@@ -182,6 +187,39 @@ fn bad_input_gets_the_spec_code_and_changes_nothing() {
             "{what}: logs leaked to stdout: {:?}",
             out.stdout
         );
+        assert!(!has_istio(&ns), "{what}: left rules behind");
+    }
+
+    // Each run checked as it ends (the cases above all run before any is checked).
+    // A previous result that is not one would be printed as ours; one whose address cannot be
+    // read would leave IPv6 unredirected. Past the size limit, a config is refused even if
+    // what fits in the limit parses.
+    for (what, stdin, mention) in [
+        (
+            "prevResult not an object",
+            conf_prev(&lab, json!({}), "5"),
+            "prevResult",
+        ),
+        (
+            "prevResult ip without an address",
+            conf_prev(
+                &lab,
+                json!({}),
+                r#"{"ips":[{"address":"fd00::2/64"},{"interface":0}]}"#,
+            ),
+            "prevResult",
+        ),
+        (
+            "stdin over 4 MiB",
+            format!("{good}{}", " ".repeat(4 << 20)),
+            "larger than 4 MiB",
+        ),
+    ] {
+        let out = run("ADD", &path, "good", &stdin);
+        let (code, msg) = error_of(&out);
+        let want = if what.starts_with("stdin") { 6 } else { 7 };
+        assert_eq!(code, want, "{what}: {msg}");
+        assert!(msg.contains(mention), "{what}: {msg}");
         assert!(!has_istio(&ns), "{what}: left rules behind");
     }
 
