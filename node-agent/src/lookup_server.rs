@@ -153,7 +153,13 @@ pub struct Source {
     /// Asked on a cache miss.
     pub fallback: Option<Fallback>,
     pub metrics: Option<Arc<Metrics>>,
+    /// A directory's store: look-ups wait for it to catch up with the directory's changes.
+    pub directory: Option<Arc<PodStore>>,
 }
+
+/// How long a look-up waits for the pods directory to be read again after a change (the
+/// reload waits for 100 ms of quiet, at most 1 s), within the plugin's 2 s.
+pub const SETTLE: Duration = Duration::from_millis(1400);
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,12 +171,14 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     pub fn directory(store: Arc<PodStore>) -> Source {
+        let directory = Some(Arc::clone(&store));
         let store: Arc<dyn PodIndex> = store;
         Source {
             store,
             synced: None,
             fallback: None,
             metrics: None,
+            directory,
         }
     }
 
@@ -185,6 +193,19 @@ impl Source {
             Ok(request) => request,
             Err(response) => return response,
         };
+        // Never from a set the directory has moved past: a pod written a moment ago would be
+        // "not found", a manifest being rewritten read as it was.
+        if let Some(dir) = &self.directory {
+            if !dir.settled(SETTLE).await {
+                return LookupResponse::new(LookupStatus::NotReady {
+                    message: format!(
+                        "the pods directory changed and was not read again within {} ms; \
+                         look-ups resume once it is",
+                        SETTLE.as_millis()
+                    ),
+                });
+            }
+        }
         let held = self.store.held(&request);
         let response = match held {
             Held::Found(pod) => LookupResponse::new(LookupStatus::Found { pod }),
@@ -479,7 +500,7 @@ mod tests {
 
     fn status_in(pods: Pods, line: &str) -> LookupStatus {
         let store = Arc::new(PodStore::default());
-        store.replace(pods);
+        store.replace(pods, store.load_mark());
         let source = Source::directory(store);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()

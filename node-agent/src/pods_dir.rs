@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Manifest files larger than this are skipped (a Pod manifest is a few KiB).
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
@@ -107,10 +109,34 @@ impl Pods {
 }
 
 /// The current pod set, replaced whole on every reload; readers take a cheap snapshot.
+///
+/// It also knows whether the directory changed since the set was read (the watch counts every
+/// change as it is seen, a reload records the count it read after), and which files are being
+/// written: a look-up must not be answered from a set the directory has moved past, nor from a
+/// half-written manifest (which may still parse, as a pod without its proxy).
 #[derive(Debug, Default)]
 pub struct PodStore {
     current: RwLock<Arc<Pods>>,
+    /// Changes seen by the watch.
+    changed: AtomicU64,
+    /// The value of `changed` the current set was read after.
+    loaded: AtomicU64,
+    reloaded: tokio::sync::Notify,
+    /// Files written to and not closed yet, with when they were last written.
+    writing: Mutex<HashMap<PathBuf, Instant>>,
+    /// The watched directory, where look-ups drop their sync markers.
+    dir: std::sync::OnceLock<PathBuf>,
+    /// Sync markers made, and the highest seen by the watch (see [`PodStore::settled`]).
+    markers_made: AtomicU64,
+    markers_seen: AtomicU64,
 }
+
+/// The name of a look-up's sync marker: hidden (never read as a manifest), numbered.
+pub const MARKER_PREFIX: &str = ".podwire-agent-sync-";
+
+/// A file written to but never closed (a hard link made, a writer that hung) counts as being
+/// written for this long after its last write, then is read as it is.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl PodStore {
     pub fn snapshot(&self) -> Arc<Pods> {
@@ -121,11 +147,97 @@ impl PodStore {
         }
     }
 
-    pub fn replace(&self, pods: Pods) {
+    /// Swaps in a set read from the directory as it was when [`PodStore::load_mark`] returned
+    /// `mark`.
+    pub fn replace(&self, pods: Pods, mark: u64) {
         let pods = Arc::new(pods);
         match self.current.write() {
             Ok(mut guard) => *guard = pods,
             Err(poisoned) => *poisoned.into_inner() = pods,
+        }
+        self.loaded.fetch_max(mark, Ordering::SeqCst);
+        self.reloaded.notify_waiters();
+    }
+
+    /// Taken before reading the directory: what the set read next will be current as of.
+    pub fn load_mark(&self) -> u64 {
+        self.changed.load(Ordering::SeqCst)
+    }
+
+    /// The directory the watch is on (sync markers go there).
+    pub fn watching(&self, dir: &Path) {
+        let _ = self.dir.set(dir.to_owned());
+    }
+
+    /// The watch saw a look-up's sync marker (its number).
+    pub fn note_marker(&self, n: u64) {
+        self.markers_seen.fetch_max(n, Ordering::SeqCst);
+        self.reloaded.notify_waiters();
+    }
+
+    /// The watch saw a change. `written`: a file written to (`Some(true)`) or closed, removed
+    /// or moved away (`Some(false)`).
+    pub fn note_change(&self, written: Option<(&Path, bool)>) {
+        if let Some((path, open)) = written {
+            let mut w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+            if open {
+                w.insert(path.to_owned(), Instant::now());
+            } else {
+                w.remove(path);
+            }
+        }
+        self.changed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether the directory changed since the current set was read.
+    pub fn pending(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst) < self.changed.load(Ordering::SeqCst)
+    }
+
+    /// Files being written now (written to within [`WRITE_TIMEOUT`], not closed since).
+    pub fn being_written(&self) -> Vec<PathBuf> {
+        let w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        w.iter()
+            .filter(|(_, at)| at.elapsed() < WRITE_TIMEOUT)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Waits until the set is current, at most `limit`; whether it is.
+    ///
+    /// First, every change made to the directory before this call must have reached the
+    /// watch: the kernel queues a directory's events in order, so once the watch sees a
+    /// marker file made now, it has seen everything before it (a manifest renamed in just
+    /// before the look-up, a write to one). Then no change seen may be newer than the set.
+    pub async fn settled(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        if let Some(dir) = self.dir.get() {
+            let n = self.markers_made.fetch_add(1, Ordering::SeqCst) + 1;
+            let marker = dir.join(format!("{MARKER_PREFIX}{n}"));
+            // A directory the agent cannot write to gets no marker: only the changes the
+            // watch has already seen are waited for.
+            if std::fs::File::create(&marker).is_ok() {
+                let _ = std::fs::remove_file(&marker);
+                loop {
+                    let seen = self.reloaded.notified();
+                    if self.markers_seen.load(Ordering::SeqCst) >= n {
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline, seen).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+        loop {
+            // Registered before the check: a reload between the two still wakes it.
+            let reloaded = self.reloaded.notified();
+            if !self.pending() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, reloaded).await.is_err() {
+                return !self.pending();
+            }
         }
     }
 }
@@ -133,7 +245,9 @@ impl PodStore {
 /// Reads every manifest in `dir`. Only a directory that cannot be listed is an error; problems
 /// with single files or documents are logged (with the file name) and recorded in the result:
 /// per pod when its namespace/name can be recovered, else as a degradation of the whole set.
-pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
+/// The files in `being_written` are not read: each degrades the set (the pods it defines are
+/// unknown until it is closed, and so is any pod not found).
+pub fn load_dir(dir: &Path, being_written: &[PathBuf]) -> Result<Pods, Error> {
     let entries = fs::read_dir(dir).map_err(|source| Error::PodsDir {
         path: dir.to_owned(),
         source,
@@ -167,6 +281,16 @@ pub fn load_dir(dir: &Path) -> Result<Pods, Error> {
         pods.mark_degraded(problem);
     }
     for path in files {
+        if being_written.contains(&path) {
+            let problem = format!(
+                "{} is being written (written to and not closed yet); the pods it defines are \
+                 unknown until it is closed (write manifests elsewhere and rename them in)",
+                path.display()
+            );
+            tracing::info!("{problem}");
+            pods.mark_degraded(problem);
+            continue;
+        }
         let text = match read_manifest(&path) {
             Ok(Some(text)) => text,
             Ok(None) => continue,

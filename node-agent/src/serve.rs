@@ -49,15 +49,16 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let shutdown = shutdown_signal()?;
 
     // Watch first, load second: a change made during the first load is then not missed.
-    let watch = DirWatch::start(&dir)?;
-    let pods = pods_dir::load_dir(&dir)?;
+    let store = Arc::new(PodStore::default());
+    let watch = DirWatch::start(&dir, Arc::clone(&store))?;
+    let mark = store.load_mark();
+    let pods = pods_dir::load_dir(&dir, &store.being_written())?;
     tracing::info!("loaded {} pods from {}", pods.len(), dir.display());
     if let Some(health) = pods.health() {
         tracing::warn!("{}: {health}", dir.display());
     }
-    let store = Arc::new(PodStore::default());
-    store.replace(pods);
-    let _watch = watch.spawn_reloads(Arc::clone(&store));
+    store.replace(pods, mark);
+    let _watch = watch.spawn_reloads();
 
     let (listener, socket_file) = lookup_server::bind(&args.socket).await?;
     tracing::info!(

@@ -19,13 +19,15 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A directory that never stays quiet is still read again this often.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// A watch on the pods directory. Changes are queued from the moment it is created, so a
-/// change made while the first load runs is not lost; [`DirWatch::spawn_reloads`] acts on them.
+/// A watch on the pods directory. Changes are queued (and counted in the store) from the
+/// moment it is created, so a change made while the first load runs is not lost;
+/// [`DirWatch::spawn_reloads`] acts on them.
 #[derive(Debug)]
 pub struct DirWatch {
     dir: PathBuf,
     watcher: RecommendedWatcher,
     changes: mpsc::UnboundedReceiver<()>,
+    store: Arc<PodStore>,
 }
 
 /// Keeps the watch alive; dropping it stops the watching (the reload task then ends).
@@ -35,19 +37,40 @@ pub struct WatchGuard {
 }
 
 impl DirWatch {
-    pub fn start(dir: &Path) -> Result<Self, Error> {
+    pub fn start(dir: &Path, store: Arc<PodStore>) -> Result<Self, Error> {
         let (tx, changes) = mpsc::unbounded_channel();
         let watch_error = |source| Error::Watch {
             path: dir.to_owned(),
             source,
         };
+        store.watching(dir);
+        let seen = Arc::clone(&store);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let reload = match event {
-                    Ok(event) => triggers_reload(&event.kind),
+                    Ok(event) if marker(&event).is_some() => {
+                        // A look-up's sync marker: every earlier change has been seen.
+                        if let Some(n) = marker(&event) {
+                            seen.note_marker(n);
+                        }
+                        false
+                    }
+                    Ok(event) => {
+                        let reload = triggers_reload(&event.kind);
+                        if reload {
+                            // Counted before the reload is asked for: a look-up from now on
+                            // waits for a set read after this change.
+                            match (writing(&event.kind), event.paths.first()) {
+                                (Some(open), Some(path)) => seen.note_change(Some((path, open))),
+                                _ => seen.note_change(None),
+                            }
+                        }
+                        reload
+                    }
                     Err(err) => {
                         // E.g. the kernel's event queue overflowed: read everything again.
                         tracing::warn!("watching the pods directory: {err}");
+                        seen.note_change(None);
                         true
                     }
                 };
@@ -64,15 +87,36 @@ impl DirWatch {
             dir: dir.to_owned(),
             watcher,
             changes,
+            store,
         })
     }
 
-    /// Spawns the task that reloads `store` after each burst of changes.
-    pub fn spawn_reloads(self, store: Arc<PodStore>) -> WatchGuard {
-        tokio::spawn(reload_loop(self.dir, store, self.changes));
+    /// Spawns the task that reloads the store after each burst of changes.
+    pub fn spawn_reloads(self) -> WatchGuard {
+        tokio::spawn(reload_loop(self.dir, self.store, self.changes));
         WatchGuard {
             _watcher: self.watcher,
         }
+    }
+}
+
+/// The number of the look-up sync marker an event is about, if it is about one.
+fn marker(event: &notify::Event) -> Option<u64> {
+    let name = event.paths.first()?.file_name()?.to_str()?;
+    name.strip_prefix(pods_dir::MARKER_PREFIX)?.parse().ok()
+}
+
+/// For an event on one file: written to (`Some(true)`: it may be half-written until closed),
+/// or closed after writing, removed or moved away (`Some(false)`).
+fn writing(kind: &EventKind) -> Option<bool> {
+    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    match kind {
+        EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => Some(true),
+        EventKind::Modify(ModifyKind::Any) => Some(true),
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => Some(false),
+        _ => None,
     }
 }
 
@@ -87,7 +131,20 @@ fn triggers_reload(kind: &EventKind) -> bool {
 }
 
 async fn reload_loop(dir: PathBuf, store: Arc<PodStore>, mut changes: mpsc::UnboundedReceiver<()>) {
-    while changes.recv().await.is_some() {
+    // After a reload that left files out as being written, read again once they time out
+    // (a writer that never closes) even if nothing else changes.
+    let mut recheck: Option<Instant> = None;
+    loop {
+        let next = match recheck {
+            Some(at) => match tokio::time::timeout_at(at, changes.recv()).await {
+                Ok(next) => next,
+                Err(_) => Some(()),
+            },
+            None => changes.recv().await,
+        };
+        if next.is_none() {
+            return;
+        }
         let first = Instant::now();
         loop {
             let deadline = (Instant::now() + DEBOUNCE).min(first + MAX_DELAY);
@@ -97,26 +154,32 @@ async fn reload_loop(dir: PathBuf, store: Arc<PodStore>, mut changes: mpsc::Unbo
                 Ok(None) => return,
             }
         }
-        reload(&dir, &store).await;
+        let skipped = reload(&dir, &store).await;
+        recheck = skipped.then(|| Instant::now() + pods_dir::WRITE_TIMEOUT);
     }
 }
 
-async fn reload(dir: &Path, store: &PodStore) {
+/// Reads the directory again; whether files were left out as being written.
+async fn reload(dir: &Path, store: &PodStore) -> bool {
     let path = dir.to_owned();
-    match tokio::task::spawn_blocking(move || pods_dir::load_dir(&path)).await {
+    let mark = store.load_mark();
+    let being_written = store.being_written();
+    let skipped = !being_written.is_empty();
+    match tokio::task::spawn_blocking(move || pods_dir::load_dir(&path, &being_written)).await {
         Ok(Ok(pods)) => {
             tracing::info!("reloaded {} pods from {}", pods.len(), dir.display());
             if let Some(health) = pods.health() {
                 tracing::warn!("{}: {health}", dir.display());
             }
-            store.replace(pods);
+            store.replace(pods, mark);
         }
         Ok(Err(err)) => tracing::error!(
-            "{err}; still serving the previous {} pods",
-            store.snapshot().len()
+            "{err}; look-ups are answered 'not ready' (the plugin fails closed) until the \
+             directory can be read again"
         ),
         Err(err) => tracing::error!("reloading {} failed: {err}", dir.display()),
     }
+    skipped
 }
 
 #[cfg(test)]

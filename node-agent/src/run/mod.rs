@@ -185,6 +185,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         synced: Some(synced),
         fallback: Some(fallback),
         metrics: Some(state.metrics.clone()),
+        directory: None,
     });
     let (listener, socket_file) = lookup_server::bind(&args.install.agent_socket).await?;
     let status = tokio::net::TcpListener::bind(&args.status_addr)
