@@ -159,19 +159,26 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
         .map(|u| &u.user)
         .unwrap_or(&default_user);
 
-    let mut agent = ureq::AgentBuilder::new().timeout(TIMEOUT);
-    if cluster.server.starts_with("https://") {
-        let ca = pem(
-            &cluster.ca_data,
-            &cluster.ca_file,
-            base,
-            "certificate-authority",
-        )?;
-        let cert = pem(&user.cert_data, &user.cert_file, base, "client-certificate")?;
-        let key = pem(&user.key_data, &user.key_file, base, "client-key")?;
-        let client = cert.zip(key);
-        agent = agent.tls_config(Arc::new(tls_config(ca, client)?));
+    let agent = ureq::AgentBuilder::new().timeout(TIMEOUT);
+    // Plain HTTP would send the token in clear and trust whatever answers: anyone on the way
+    // could say "not a mesh pod".
+    if !cluster.server.starts_with("https://") {
+        return Err(format!(
+            "kubeconfig {}: the cluster's server {:?} is not https://; podwire-cni only asks an \
+             API server it can verify",
+            kubeconfig.display(),
+            cluster.server
+        ));
     }
+    let ca = pem(
+        &cluster.ca_data,
+        &cluster.ca_file,
+        base,
+        "certificate-authority",
+    )?;
+    let cert = pem(&user.cert_data, &user.cert_file, base, "client-certificate")?;
+    let key = pem(&user.key_data, &user.key_file, base, "client-key")?;
+    let agent = agent.tls_config(Arc::new(tls_config(ca, cert.zip(key))?));
     let token = match (&user.token, &user.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         // Projected tokens rotate: read the file on every call.
@@ -195,8 +202,8 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
     }
     match req.call() {
         Ok(resp) => {
-            let pod_info: PodInfo = serde_json::from_reader(resp.into_reader().take_limited())
-                .map_err(|e| format!("GET {url}: the answer is not a Pod: {e}"))?;
+            let pod_info = the_pod(resp.into_reader().take_limited(), pod)
+                .map_err(|e| format!("GET {url}: {e}"))?;
             // Another UID is another incarnation of the name (a re-created pod): whether the
             // one being set up is a mesh pod is unknown, never "not found".
             if !pod.uid.is_empty()
@@ -211,7 +218,21 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
             }
             Ok(Lookup::Found(Box::new(pod_info)))
         }
-        Err(ureq::Error::Status(404, _)) => Ok(Lookup::NotFound),
+        // Only the API server's own "no such pod" (a Status, reason NotFound) is one: any 404
+        // (a proxy's page, a wrong server path) is not.
+        Err(ureq::Error::Status(404, resp)) => {
+            let body = resp.into_string().unwrap_or_default();
+            if is_not_found(&body, pod) {
+                Ok(Lookup::NotFound)
+            } else {
+                Err(format!(
+                    "GET {url}: HTTP 404 that is not the API server's NotFound Status for pod \
+                     {}: {}",
+                    pod.name,
+                    body.chars().take(200).collect::<String>()
+                ))
+            }
+        }
         Err(ureq::Error::Status(code, resp)) => Err(format!(
             "GET {url}: HTTP {code}: {}",
             resp.into_string()
@@ -222,6 +243,40 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
         )),
         Err(e) => Err(format!("GET {url}: {e}")),
     }
+}
+
+/// The pod in a GET's answer: it must be a Pod, the one asked for (name, namespace), with a
+/// UID. Any JSON object would otherwise read as a pod without a proxy.
+fn the_pod(answer: impl std::io::Read, want: &PodRef) -> Result<PodInfo, String> {
+    let v: serde_json::Value =
+        serde_json::from_reader(answer).map_err(|e| format!("the answer is not JSON: {e}"))?;
+    let kind = v.get("kind").and_then(serde_json::Value::as_str);
+    if kind != Some("Pod") {
+        return Err(format!("the answer is not a Pod (kind {kind:?})"));
+    }
+    let pod =
+        PodInfo::deserialize(&v).map_err(|e| format!("the answer is not a readable Pod: {e}"))?;
+    let m = &pod.metadata;
+    if m.name != want.name || m.namespace != want.namespace || m.uid.is_empty() {
+        return Err(format!(
+            "the answer is pod {:?}/{:?} (uid {:?}), not {}/{}",
+            m.namespace, m.name, m.uid, want.namespace, want.name
+        ));
+    }
+    Ok(pod)
+}
+
+/// Whether a 404's body is the API server's NotFound Status for this pod (kube-apiserver names
+/// it in `details`; a 404 for a path it does not serve names nothing).
+fn is_not_found(body: &str, want: &PodRef) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return false;
+    };
+    let s = |p: &str| v.pointer(p).and_then(serde_json::Value::as_str);
+    s("/kind") == Some("Status")
+        && s("/reason") == Some("NotFound")
+        && s("/details/kind") == Some("pods")
+        && s("/details/name") == Some(want.name.as_str())
 }
 
 trait TakeLimited: std::io::Read + Sized {

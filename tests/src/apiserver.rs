@@ -382,9 +382,14 @@ impl ApiServer {
             );
         };
         self.with_store(|s| match (req.method.as_str(), name) {
-            ("GET", Some(_)) => match s.objects.get(&path) {
+            ("GET", Some(n)) => match s.objects.get(&path) {
                 Some(o) => (200, o.clone()),
-                None => (404, status(404, "NotFound", &format!("{kind} \"{path}\" not found"))),
+                None => {
+                    // As kube-apiserver says it: the Status names what was not found.
+                    let mut st = status(404, "NotFound", &format!("{kind} \"{n}\" not found"));
+                    st["details"] = json!({"name": n, "kind": kind});
+                    (404, st)
+                }
             },
             ("GET", None) => {
                 let sel = req.query.get("fieldSelector").cloned().unwrap_or_default();

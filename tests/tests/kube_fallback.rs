@@ -80,6 +80,57 @@ fn pods_are_found_through_the_api_server_when_the_agent_is_down() {
         .expect("save")
         .contains("ISTIO_"));
 
+    // An answer that is not the pod asked for is no answer: a 200 with any JSON object, a
+    // Status, another pod, a pod without a UID; and a 404 that is not the API server's
+    // NotFound for this pod. Each is unknown: 11, nothing applied.
+    let mut no_uid = pod_manifest("shop", "nouid", true, &[]);
+    no_uid["metadata"]["uid"] = json!("");
+    for (name, answer) in [
+        ("empty", json!({})),
+        ("status", json!({"kind": "Status", "apiVersion": "v1"})),
+        (
+            "list",
+            json!({"kind": "PodList", "apiVersion": "v1", "items": []}),
+        ),
+        ("someone", pod_manifest("shop", "someone-else", true, &[])),
+        ("nouid", no_uid),
+    ] {
+        api.put(&format!("/api/v1/namespaces/shop/pods/{name}"), answer);
+        let out = add(&other, name, &kubeconfig, dir.path());
+        let err: Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("{name}: not error JSON ({e}): {out:?}"));
+        assert_eq!(err["code"], 11, "{name}: {err}");
+        assert!(!other
+            .nat_rules("iptables-save")
+            .expect("save")
+            .contains("ISTIO_"));
+    }
+    // A path the server does not serve at all (a wrong server URL): its 404 names no pod.
+    let mut text = std::fs::read_to_string(&kubeconfig).expect("read");
+    text = text.replace(&api.url, &format!("{}/wrong-prefix", api.url));
+    let wrong = dir.path().join("wrong.kubeconfig");
+    std::fs::write(&wrong, text).expect("write");
+    let out = add(&other, "nothere", &wrong, dir.path());
+    let err: Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"].as_str().is_some_and(|m| m.contains("HTTP 404")),
+        "{err}"
+    );
+    // And plain HTTP is refused before anything is sent.
+    let text = std::fs::read_to_string(&kubeconfig)
+        .expect("read")
+        .replace("https://", "http://");
+    let plain = dir.path().join("plain.kubeconfig");
+    std::fs::write(&plain, text).expect("write");
+    let out = add(&other, "web", &plain, dir.path());
+    let err: Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"].as_str().is_some_and(|m| m.contains("not https")),
+        "{err}"
+    );
+
     // Issue 9, item 1: the API server has shop/web with another UID than the runtime's (the
     // pod was re-created): unknown, so failurePolicy closed fails with 11 and the runtime retries.
     let out = add_with(
