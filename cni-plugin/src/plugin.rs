@@ -98,12 +98,25 @@ fn resolve(conf: &NetConf, pod_ref: &PodRef) -> Result<Option<PodInfo>> {
             }
         },
     };
-    match mesh_decision(&pod, &MeshProfile::istio(), &conf.exclude_namespaces) {
+    let profile = MeshProfile::istio();
+    match mesh_decision(&pod, &profile, &conf.exclude_namespaces) {
         MeshDecision::Redirect => Ok(Some(pod)),
         MeshDecision::PassThrough(reason) => {
-            info!(pod = %pod_ref.display(), "{reason}");
+            // An injected pod (proxy and status annotation) left alone is worth an operator's
+            // look; any other pod is the everyday case.
+            let injected = pod.container(profile.proxy_container).is_some()
+                && pod.annotation(profile.status_key).is_some();
+            if injected {
+                warn!(pod = %pod_ref.display(), "injected pod starting WITHOUT redirection: {reason}");
+            } else {
+                info!(pod = %pod_ref.display(), "{reason}");
+            }
             Ok(None)
         }
+        MeshDecision::Refuse(source) => Err(PluginError::InvalidPod {
+            pod: pod_ref.display(),
+            source,
+        }),
     }
 }
 

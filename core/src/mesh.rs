@@ -9,12 +9,15 @@
 use crate::pod::Container;
 use crate::{MeshProfile, PodInfo};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum MeshDecision {
     /// Program the redirection.
     Redirect,
     /// Leave the pod alone; the reason is for people.
     PassThrough(String),
+    /// An injected pod whose annotation makes no sense: neither redirected nor left alone,
+    /// but refused (the runtime retries; the author sees the error on the pod).
+    Refuse(crate::Error),
 }
 
 impl MeshDecision {
@@ -107,10 +110,19 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
     }
     match pod.annotation(profile.interception_mode_key) {
         None | Some("REDIRECT") => MeshDecision::Redirect,
-        Some(other) => MeshDecision::PassThrough(format!(
+        // Modes the mesh knows and podwire does not program: the mesh's own business.
+        Some(other @ ("TPROXY" | "NONE")) => MeshDecision::PassThrough(format!(
             "pass-through: {}={other:?}; podwire only programs REDIRECT",
             profile.interception_mode_key
         )),
+        // Anything else (a lower-case "redirect" among them) the injector refuses too: not a
+        // reason to start the pod unredirected.
+        Some(other) => MeshDecision::Refuse(crate::Error::InvalidAnnotation {
+            key: profile.interception_mode_key.to_string(),
+            value: other.to_string(),
+            reason: "expected REDIRECT (or TPROXY or NONE, which podwire-cni leaves alone)"
+                .to_string(),
+        }),
     }
 }
 
@@ -133,6 +145,39 @@ mod tests {
             "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy"}]}
         }))
         .expect("pod")
+    }
+
+    #[test]
+    fn an_interception_mode_the_mesh_does_not_know_is_refused() {
+        for mode in [
+            "redirect",
+            "Redirect",
+            "TPROXY ",
+            "tproxy",
+            "",
+            "REDIRECT,NONE",
+        ] {
+            let mut pod = mesh_pod();
+            pod.metadata
+                .annotations
+                .insert("sidecar.istio.io/interceptionMode".into(), mode.into());
+            match mesh_decision(&pod, &MeshProfile::istio(), &excluded()) {
+                MeshDecision::Refuse(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("sidecar.istio.io/interceptionMode"), "{msg}");
+                    assert!(msg.contains(&format!("{mode:?}")), "{msg}");
+                }
+                other => panic!("{mode:?}: {other:?}"),
+            }
+        }
+        for mode in ["TPROXY", "NONE"] {
+            let mut pod = mesh_pod();
+            pod.metadata
+                .annotations
+                .insert("sidecar.istio.io/interceptionMode".into(), mode.into());
+            let d = mesh_decision(&pod, &MeshProfile::istio(), &excluded());
+            assert!(matches!(d, MeshDecision::PassThrough(_)), "{mode}: {d:?}");
+        }
     }
 
     #[test]
@@ -193,7 +238,7 @@ mod tests {
                 MeshDecision::PassThrough(reason) => {
                     assert!(reason.contains(want), "{reason:?} should mention {want:?}")
                 }
-                MeshDecision::Redirect => panic!("{pod:?} must pass through ({want})"),
+                other => panic!("{pod:?} must pass through ({want}): {other:?}"),
             }
         }
     }

@@ -425,6 +425,9 @@ fn check(pod: &Pod) {
                 response.warnings
             );
         }
+        podwire_core::MeshDecision::Refuse(e) => {
+            panic!("admitted a pod podwire-cni will refuse at start: {e}\n{patched}");
+        }
         podwire_core::MeshDecision::PassThrough(why) => {
             // Istio's two templates whose proxy is never fed traffic: a gateway, and
             // proxyless gRPC (grpc-agent).

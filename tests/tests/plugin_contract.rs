@@ -86,6 +86,13 @@ fn bad_input_gets_the_spec_code_and_changes_nothing() {
                     "10.0.0.0/8 -j DROP",
                 )],
             ),
+            // Not a mode the mesh knows: refused, not started unredirected.
+            pod_manifest(
+                "default",
+                "lowercase",
+                true,
+                &[("sidecar.istio.io/interceptionMode", "redirect")],
+            ),
         ],
     )
     .expect("publish");
@@ -167,6 +174,12 @@ fn bad_input_gets_the_spec_code_and_changes_nothing() {
             run("ADD", &path, "hostile2", &good),
             7,
             "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        ),
+        (
+            "unknown interception mode",
+            run("ADD", &path, "lowercase", &good),
+            7,
+            "sidecar.istio.io/interceptionMode",
         ),
         (
             "missing netns",
