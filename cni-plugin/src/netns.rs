@@ -16,6 +16,15 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T>
     };
     let target =
         File::open(path).map_err(|e| err(format!("cannot open: {e}; is the pod sandbox gone?")))?;
+    // The runtime never calls a CNI plugin for a pod in the node's own netns (hostNetwork pods
+    // get no CNI call): rules there would capture the node's traffic.
+    if same_file(&target, Path::new("/proc/self/ns/net")) {
+        return Err(err(
+            "is the plugin's own (the node's) network namespace, not a pod's: refusing to \
+             program a pod's redirection there"
+                .into(),
+        ));
+    }
     // The worker starts on this thread's CPU: this thread only waits for it, so it runs at
     // once instead of queueing behind whatever occupies another CPU (fork balancing would
     // place it there). Best effort; the affinity is restored right after the spawn.
@@ -52,4 +61,13 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T>
             .join()
             .map_err(|_| err("the netns worker thread panicked".into()))?
     })
+}
+
+/// Whether `file` is the object at `other` (nsfs gives each namespace its own inode).
+fn same_file(file: &File, other: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(other)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }

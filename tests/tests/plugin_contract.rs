@@ -236,6 +236,43 @@ fn bad_input_gets_the_spec_code_and_changes_nothing() {
         assert!(!has_istio(&ns), "{what}: left rules behind");
     }
 
+    // CNI_NETNS naming the plugin's own netns (the node's): refused, nothing programmed there.
+    // The plugin runs inside a throwaway "node" netns, so that a regression pollutes only it.
+    let node = Netns::new("h").expect("node netns");
+    let wrapper = lab.dir.join("in-node.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {} {}\n",
+            node.name,
+            workspace_bin("podwire-cni").display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let env: Vec<(&str, String)> = vec![
+        ("CNI_COMMAND", "ADD".to_string()),
+        ("CNI_CONTAINERID", "c-own".to_string()),
+        ("CNI_NETNS", node.path().display().to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_ARGS", pod_args("default", "good")),
+    ];
+    let out = exec_plugin(&wrapper, &env, good.as_bytes()).expect("exec");
+    let (code, msg) = error_of(&out);
+    assert_eq!(code, 3, "{msg}");
+    assert!(
+        msg.contains("the node's") && msg.contains(&node.name),
+        "{msg}"
+    );
+    assert!(
+        !has_istio(&node),
+        "rules were programmed into the plugin's own netns"
+    );
+
     // Missing environment, one variable at a time.
     for missing in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS"] {
         let env: Vec<(&str, String)> = [
