@@ -101,12 +101,13 @@ impl CniEnv {
                 reason: "is required for ADD and CHECK but not set".into(),
             });
         }
-        let args = parse_cni_args(&var("CNI_ARGS", &get).unwrap_or_default()).map_err(|item| {
-            PluginError::InvalidEnv {
-                var: "CNI_ARGS",
-                reason: format!("item {item:?} is not KEY=VALUE"),
-            }
-        })?;
+        let args =
+            parse_cni_args(&var("CNI_ARGS", &get).unwrap_or_default()).map_err(|reason| {
+                PluginError::InvalidEnv {
+                    var: "CNI_ARGS",
+                    reason,
+                }
+            })?;
         if let Some(name) = args.get("K8S_POD_NAME").filter(|n| !n.is_empty()) {
             let namespace = args
                 .get("K8S_POD_NAMESPACE")
@@ -215,6 +216,17 @@ mod tests {
                     ("CNI_IFNAME", "eth0"),
                     ("CNI_NETNS", "/x"),
                     ("CNI_ARGS", "K8S_POD_NAME=a\nb"),
+                ],
+                "CNI_ARGS",
+            ),
+            // Which of two pods is meant cannot be guessed.
+            (
+                vec![
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "a"),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_NETNS", "/x"),
+                    ("CNI_ARGS", "K8S_POD_NAME=web;K8S_POD_NAME=plain"),
                 ],
                 "CNI_ARGS",
             ),

@@ -12,7 +12,7 @@ use podwire_core::mesh::{mesh_decision, namespace_excluded, MeshDecision};
 use podwire_core::render::{render, Rule, RuleSet};
 use podwire_core::{Family, MeshProfile, PodInfo, RedirectSpec};
 use std::path::Path;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Run one CNI command; `Ok(Some(s))` is printed on stdout. `conf` is the network config
 /// parsed from `stdin` (VERSION answers even when it is broken).
@@ -172,7 +172,9 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>> {
     // is refused whatever the pod, not printed as ours.
     let ipv6 = conf.has_ipv6()?;
     let Some(pod_ref) = &env.pod else {
-        debug!("pass-through: no K8S_POD_NAME in CNI_ARGS, not a pod podwire can identify");
+        // Kubelet always names the pod: a call without one is a runtime podwire cannot
+        // check, worth a line an operator sees.
+        warn!("pass-through: no K8S_POD_NAME in CNI_ARGS, not a pod podwire can identify");
         return Ok(pass_through(conf));
     };
     let Some(pod) = resolve(conf, pod_ref)? else {

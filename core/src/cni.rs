@@ -69,14 +69,18 @@ pub fn version_supported(v: &str) -> bool {
 }
 
 /// `CNI_ARGS`: `K1=V1;K2=V2`. Returns the pairs, or the offending item.
+/// `Err` says what is wrong: an item that is not KEY=VALUE, or a key given twice (which of
+/// two pod names is meant cannot be guessed).
 pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for item in s.split(';').filter(|i| !i.is_empty()) {
         match item.split_once('=') {
             Some((k, v)) if !k.is_empty() => {
-                out.insert(k.to_string(), v.to_string());
+                if out.insert(k.to_string(), v.to_string()).is_some() {
+                    return Err(format!("{k} is given twice"));
+                }
             }
-            _ => return Err(item.to_string()),
+            _ => return Err(format!("item {item:?} is not KEY=VALUE")),
         }
     }
     Ok(out)
@@ -91,7 +95,14 @@ mod tests {
         let a =
             parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;").expect("valid");
         assert_eq!(a.get("K8S_POD_NAME").map(String::as_str), Some("p"));
-        assert_eq!(parse_cni_args("K8S_POD_NAME"), Err("K8S_POD_NAME".into()));
+        assert_eq!(
+            parse_cni_args("K8S_POD_NAME"),
+            Err("item \"K8S_POD_NAME\" is not KEY=VALUE".into())
+        );
+        assert_eq!(
+            parse_cni_args("K8S_POD_NAME=a;K8S_POD_NAME=b"),
+            Err("K8S_POD_NAME is given twice".into())
+        );
         assert_eq!(parse_cni_args("").expect("empty ok").len(), 0);
     }
 
