@@ -216,6 +216,14 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
                     pod_info.metadata.uid, pod.uid
                 ));
             }
+            // No UID from the runtime and the pod is going away: what is set up may be its
+            // re-created successor.
+            if pod.uid.is_empty() && pod_info.metadata.deletion_timestamp.is_some() {
+                return Err(format!(
+                    "GET {url}: the pod is being deleted and the runtime does not say which UID \
+                     it is setting up: it may be a re-created pod of the same name (retry)"
+                ));
+            }
             Ok(Lookup::Found(Box::new(pod_info)))
         }
         // Only the API server's own "no such pod" (a Status, reason NotFound) is one: any 404

@@ -71,6 +71,12 @@ pub enum PodMatch {
 pub fn pod_match(pod: &PodInfo, req: &LookupRequest) -> PodMatch {
     if pod.namespace() != req.namespace || pod.metadata.name != req.name {
         PodMatch::Different
+    } else if req.uid.is_empty() && pod.metadata.deletion_timestamp.is_some() {
+        // The runtime names no UID and the held pod is going away: what is set up may be its
+        // re-created successor (a StatefulSet's), which the old pod cannot answer for.
+        PodMatch::OtherUid {
+            held: pod.metadata.uid.clone(),
+        }
     } else if req.uid.is_empty() || pod.metadata.uid.is_empty() || pod.metadata.uid == req.uid {
         PodMatch::Same
     } else {
@@ -84,6 +90,16 @@ pub fn pod_match(pod: &PodInfo, req: &LookupRequest) -> PodMatch {
 /// (`notReady`, so a v1 plugin fails closed and the runtime retries), saying why. `source`
 /// names who holds the other UID ("the pod directory", "the API server").
 pub fn other_uid(req: &LookupRequest, held: &str, source: &str) -> LookupStatus {
+    if req.uid.is_empty() {
+        return LookupStatus::NotReady {
+            message: format!(
+                "{source} holds pod {}/{} (UID {held}) being deleted, and the runtime does not \
+                 say which UID it is setting up: it may be a re-created pod of the same name \
+                 (retry once the old pod is gone)",
+                req.namespace, req.name
+            ),
+        };
+    }
     LookupStatus::NotReady {
         message: format!(
             "{source} holds pod {}/{} with UID {held}, but the runtime is setting up UID {}: \
@@ -132,6 +148,29 @@ mod tests {
         ));
         req.uid.clear();
         assert_eq!(pod_match(&pod, &req), PodMatch::Same);
+        // No UID from the runtime, and the held pod is being deleted: not an answer.
+        let mut going = pod.clone();
+        going.metadata.deletion_timestamp = Some("2026-12-03T10:00:00Z".into());
+        let anonymous = LookupRequest {
+            uid: String::new(),
+            ..req.clone()
+        };
+        assert!(matches!(
+            pod_match(&going, &anonymous),
+            PodMatch::OtherUid { .. }
+        ));
+        match other_uid(&anonymous, &going.metadata.uid, "the node's pod cache") {
+            LookupStatus::NotReady { message } => {
+                assert!(message.contains("being deleted"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // With its UID named, the runtime is setting up that pod: the UIDs decide.
+        let named = LookupRequest {
+            uid: "old".into(),
+            ..req.clone()
+        };
+        assert_eq!(pod_match(&going, &named), PodMatch::Same);
         req.name = "b".into();
         assert_eq!(pod_match(&pod, &req), PodMatch::Different);
     }

@@ -88,6 +88,22 @@ fn add_with(d: &Path, ns: &Netns, cni_args: &str) -> podwire_lab::CniOutcome {
     .expect("exec")
 }
 
+/// The agent's raw answer to a look-up that names no UID.
+fn look_up(socket: &Path, namespace: &str, name: &str) -> String {
+    use std::io::{BufRead, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return String::new();
+    };
+    let _ = writeln!(
+        s,
+        "{}",
+        json!({"v": 1, "namespace": namespace, "name": name})
+    );
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(s).read_line(&mut line);
+    line
+}
+
 fn redirected(ns: &Netns) -> bool {
     ns.nat_rules("iptables-save")
         .expect("save")
@@ -209,6 +225,33 @@ fn plugin_and_agent_run_together_across_an_agent_restart() {
     assert!(redirected(&ns3), "found through the agent's direct GET");
     assert!(api.count("GET", "/api/v1/namespaces/shop/pods/web3") >= 1);
 
+    // web3 is being deleted, and a runtime that names no UID (older containerd, podman) sets
+    // up "shop/web3": it may be a re-created web3 (a StatefulSet's), which the old pod cannot
+    // answer for. Unknown: 11, never the old pod's answer. Once the cache has the deletion.
+    let mut going = api.get("/api/v1/namespaces/shop/pods/web3").expect("web3");
+    going["metadata"]["deletionTimestamp"] = json!("2026-12-03T10:00:00Z");
+    going["spec"]["nodeName"] = json!("node-1");
+    api.put("/api/v1/namespaces/shop/pods/web3", going);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !look_up(&d.join("agent.sock"), "shop", "web3").contains("being deleted") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never saw web3 being deleted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ns5 = Netns::new("a").expect("netns");
+    let out = add_with(d, &ns5, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web3");
+    let err: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("being deleted")),
+        "{err}"
+    );
+    assert!(!redirected(&ns5));
+
     // The agent is gone (crashed, or between two pods of an update): the plugin asks the API
     // server itself with the kubeconfig the agent wrote into the run dir.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -241,4 +284,16 @@ fn plugin_and_agent_run_together_across_an_agent_restart() {
         before + 1,
         "the plugin's own GET"
     );
+    // The plugin's own GET holds to the same rule for a pod being deleted.
+    let ns6 = Netns::new("a").expect("netns");
+    let out = add_with(d, &ns6, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web3");
+    let err: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("being deleted")),
+        "{err}"
+    );
+    assert!(!redirected(&ns6));
 }
