@@ -197,13 +197,18 @@ impl Source {
         // "not found", a manifest being rewritten read as it was.
         if let Some(dir) = &self.directory {
             if !dir.settled(SETTLE).await {
-                return LookupResponse::new(LookupStatus::NotReady {
-                    message: format!(
+                let message = if dir.directory_lost() {
+                    "the pods directory was removed or replaced after podwire-agent serve \
+                     started watching it: restart podwire-agent serve"
+                        .to_string()
+                } else {
+                    format!(
                         "the pods directory changed and was not read again within {} ms; \
                          look-ups resume once it is",
                         SETTLE.as_millis()
-                    ),
-                });
+                    )
+                };
+                return LookupResponse::new(LookupStatus::NotReady { message });
             }
         }
         let held = self.store.held(&request);

@@ -129,10 +129,45 @@ pub struct PodStore {
     /// Sync markers made, and the highest seen by the watch (see [`PodStore::settled`]).
     markers_made: AtomicU64,
     markers_seen: AtomicU64,
+    /// A look-up is waiting: the reload should not wait for the directory to go quiet.
+    pub(crate) hurry: tokio::sync::Notify,
+    /// The watched directory itself was removed or replaced: nothing it holds is seen now.
+    lost: std::sync::atomic::AtomicBool,
 }
 
-/// The name of a look-up's sync marker: hidden (never read as a manifest), numbered.
+/// The name of a look-up's sync marker: hidden (never read as a manifest), then this agent's
+/// own tag (another agent on the same directory has other markers), then the number.
 pub const MARKER_PREFIX: &str = ".podwire-agent-sync-";
+
+/// This process's marker tag: its pid and start time, so that markers of another agent (or an
+/// earlier run of this one) are never taken for its own.
+fn marker_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("{}-{t}", std::process::id())
+    })
+}
+
+/// The name of this agent's sync marker number `n`.
+pub fn marker_name(n: u64) -> String {
+    format!("{MARKER_PREFIX}{}-{n}", marker_tag())
+}
+
+/// The number of this agent's sync marker called `name`, if it is one.
+pub fn own_marker(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(MARKER_PREFIX)?;
+    let n = rest.strip_prefix(marker_tag())?.strip_prefix('-')?;
+    n.parse().ok()
+}
+
+/// Whether `name` is any agent's sync marker (never a manifest, never a change).
+pub fn is_marker(name: &str) -> bool {
+    name.starts_with(MARKER_PREFIX)
+}
 
 /// A file written to but never closed (a hard link made, a writer that hung) counts as being
 /// written for this long after its last write, then is read as it is.
@@ -175,18 +210,32 @@ impl PodStore {
         self.reloaded.notify_waiters();
     }
 
-    /// The watch saw a change. `written`: a file written to (`Some(true)`) or closed, removed
-    /// or moved away (`Some(false)`).
-    pub fn note_change(&self, written: Option<(&Path, bool)>) {
-        if let Some((path, open)) = written {
+    /// The watch saw a change. `written`: files written to (`true`: maybe half-written until
+    /// closed) or closed, removed, moved away or replaced whole by a rename (`false`).
+    pub fn note_change(&self, written: &[(&Path, bool)]) {
+        if !written.is_empty() {
             let mut w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-            if open {
-                w.insert(path.to_owned(), Instant::now());
-            } else {
-                w.remove(path);
+            for (path, open) in written {
+                if *open {
+                    w.insert(path.to_path_buf(), Instant::now());
+                } else {
+                    w.remove(*path);
+                }
             }
         }
         self.changed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The watched directory itself went away (removed, moved, replaced): look-ups fail
+    /// closed, saying so, until the agent is restarted on the new one.
+    pub fn lose_directory(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.reloaded.notify_waiters();
+    }
+
+    /// Whether the watched directory went away.
+    pub fn directory_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// Whether the directory changed since the current set was read.
@@ -213,17 +262,26 @@ impl PodStore {
         let deadline = tokio::time::Instant::now() + limit;
         if let Some(dir) = self.dir.get() {
             let n = self.markers_made.fetch_add(1, Ordering::SeqCst) + 1;
-            let marker = dir.join(format!("{MARKER_PREFIX}{n}"));
+            let marker = dir.join(marker_name(n));
+            // Off the runtime's thread: a slow filesystem must not stall other look-ups.
+            let made = tokio::task::spawn_blocking(move || {
+                let made = std::fs::File::create(&marker).is_ok();
+                let _ = std::fs::remove_file(&marker);
+                made
+            })
+            .await
+            .unwrap_or(false);
             // A directory the agent cannot write to gets no marker: only the changes the
             // watch has already seen are waited for.
-            if std::fs::File::create(&marker).is_ok() {
-                let _ = std::fs::remove_file(&marker);
+            if made {
                 loop {
                     let seen = self.reloaded.notified();
                     if self.markers_seen.load(Ordering::SeqCst) >= n {
                         break;
                     }
-                    if tokio::time::timeout_at(deadline, seen).await.is_err() {
+                    if self.directory_lost()
+                        || tokio::time::timeout_at(deadline, seen).await.is_err()
+                    {
                         return false;
                     }
                 }
@@ -232,11 +290,16 @@ impl PodStore {
         loop {
             // Registered before the check: a reload between the two still wakes it.
             let reloaded = self.reloaded.notified();
+            if self.directory_lost() {
+                return false;
+            }
             if !self.pending() {
                 return true;
             }
+            // Someone waits: read the directory now rather than after it goes quiet.
+            self.hurry.notify_one();
             if tokio::time::timeout_at(deadline, reloaded).await.is_err() {
-                return !self.pending();
+                return !self.pending() && !self.directory_lost();
             }
         }
     }

@@ -45,14 +45,25 @@ impl DirWatch {
         };
         store.watching(dir);
         let seen = Arc::clone(&store);
+        let root = dir.to_owned();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let reload = match event {
-                    Ok(event) if marker(&event).is_some() => {
-                        // A look-up's sync marker: every earlier change has been seen.
-                        if let Some(n) = marker(&event) {
+                    Ok(event) if is_marker_event(&event) => {
+                        // A look-up's sync marker (this agent's): every earlier change has
+                        // been seen. Another agent's is nothing.
+                        if let Some(n) = own_marker_event(&event) {
                             seen.note_marker(n);
                         }
+                        false
+                    }
+                    Ok(event) if root_gone(&event, &root) => {
+                        tracing::error!(
+                            "the pods directory {} was removed or replaced: look-ups fail \
+                             closed until podwire-agent serve is restarted on it",
+                            root.display()
+                        );
+                        seen.lose_directory();
                         false
                     }
                     Ok(event) => {
@@ -60,17 +71,20 @@ impl DirWatch {
                         if reload {
                             // Counted before the reload is asked for: a look-up from now on
                             // waits for a set read after this change.
-                            match (writing(&event.kind), event.paths.first()) {
-                                (Some(open), Some(path)) => seen.note_change(Some((path, open))),
-                                _ => seen.note_change(None),
-                            }
+                            let written: Vec<(&Path, bool)> = written(&event)
+                                .into_iter()
+                                .filter_map(|(i, open)| {
+                                    event.paths.get(i).map(|p| (p.as_path(), open))
+                                })
+                                .collect();
+                            seen.note_change(&written);
                         }
                         reload
                     }
                     Err(err) => {
                         // E.g. the kernel's event queue overflowed: read everything again.
                         tracing::warn!("watching the pods directory: {err}");
-                        seen.note_change(None);
+                        seen.note_change(&[]);
                         true
                     }
                 };
@@ -100,23 +114,45 @@ impl DirWatch {
     }
 }
 
-/// The number of the look-up sync marker an event is about, if it is about one.
-fn marker(event: &notify::Event) -> Option<u64> {
-    let name = event.paths.first()?.file_name()?.to_str()?;
-    name.strip_prefix(pods_dir::MARKER_PREFIX)?.parse().ok()
+/// Whether an event is about a look-up sync marker (any agent's).
+fn is_marker_event(event: &notify::Event) -> bool {
+    event
+        .paths
+        .first()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .is_some_and(pods_dir::is_marker)
 }
 
-/// For an event on one file: written to (`Some(true)`: it may be half-written until closed),
-/// or closed after writing, removed or moved away (`Some(false)`).
-fn writing(kind: &EventKind) -> Option<bool> {
-    use notify::event::{CreateKind, ModifyKind, RenameMode};
-    match kind {
-        EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => Some(true),
-        EventKind::Modify(ModifyKind::Any) => Some(true),
+/// The number of this agent's sync marker an event is about, if it is about one.
+fn own_marker_event(event: &notify::Event) -> Option<u64> {
+    pods_dir::own_marker(event.paths.first()?.file_name()?.to_str()?)
+}
+
+/// Whether the event says the watched directory itself went away.
+fn root_gone(event: &notify::Event, root: &Path) -> bool {
+    use notify::event::ModifyKind;
+    matches!(
+        event.kind,
+        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+    ) && event.paths.first().is_some_and(|p| p == root)
+}
+
+/// What an event says about files being written, by index into its paths: written to (`true`:
+/// it may be half-written until closed), or closed after writing, removed, moved away, or
+/// replaced whole by a rename (`false`). Creating a file writes nothing yet (and a link made
+/// with `ln` is never closed after writing): only a write marks it.
+fn written(event: &notify::Event) -> Vec<(usize, bool)> {
+    use notify::event::{ModifyKind, RenameMode};
+    match event.kind {
+        EventKind::Modify(ModifyKind::Data(_)) => vec![(0, true)],
         EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Remove(_)
-        | EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => Some(false),
-        _ => None,
+        | EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::To)) => {
+            vec![(0, false)]
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => vec![(0, false), (1, false)],
+        _ => Vec::new(),
     }
 }
 
@@ -148,10 +184,14 @@ async fn reload_loop(dir: PathBuf, store: Arc<PodStore>, mut changes: mpsc::Unbo
         let first = Instant::now();
         loop {
             let deadline = (Instant::now() + DEBOUNCE).min(first + MAX_DELAY);
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Ok(Some(())) if Instant::now() < first + MAX_DELAY => continue,
-                Ok(Some(())) | Err(_) => break,
-                Ok(None) => return,
+            tokio::select! {
+                // A look-up waits for this reload: no more waiting for quiet.
+                () = store.hurry.notified() => break,
+                next = tokio::time::timeout_at(deadline, changes.recv()) => match next {
+                    Ok(Some(())) if Instant::now() < first + MAX_DELAY => continue,
+                    Ok(Some(())) | Err(_) => break,
+                    Ok(None) => return,
+                },
             }
         }
         let skipped = reload(&dir, &store).await;
@@ -186,6 +226,68 @@ async fn reload(dir: &Path, store: &PodStore) -> bool {
 mod tests {
     use super::*;
     use notify::event::{CreateKind, ModifyKind, RemoveKind};
+
+    #[test]
+    fn only_a_write_marks_a_file_as_being_written() {
+        use notify::event::{DataChange, ModifyKind, RenameMode};
+        let event = |kind, paths: &[&str]| notify::Event {
+            kind,
+            paths: paths.iter().map(PathBuf::from).collect(),
+            attrs: Default::default(),
+        };
+        let w = |kind, paths: &[&str]| written(&event(kind, paths));
+        assert_eq!(
+            w(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                &["/d/a.yaml"]
+            ),
+            [(0, true)]
+        );
+        // A file created (or linked) holds nothing half-written yet.
+        assert!(w(EventKind::Create(CreateKind::File), &["/d/a.yaml"]).is_empty());
+        assert_eq!(
+            w(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                &["/d/a.yaml"]
+            ),
+            [(0, false)]
+        );
+        // A rename replaces the target whole: neither end is being written.
+        assert_eq!(
+            w(
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+                &["/d/.a.tmp", "/d/a.yaml"]
+            ),
+            [(0, false), (1, false)]
+        );
+        assert_eq!(
+            w(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                &["/d/a.yaml"]
+            ),
+            [(0, false)]
+        );
+        // The watched directory itself going away is not a change to it.
+        let root = Path::new("/d");
+        assert!(root_gone(
+            &event(EventKind::Remove(RemoveKind::Folder), &["/d"]),
+            root
+        ));
+        assert!(!root_gone(
+            &event(EventKind::Remove(RemoveKind::File), &["/d/a.yaml"]),
+            root
+        ));
+    }
+
+    #[test]
+    fn only_this_agents_markers_count() {
+        assert_eq!(pods_dir::own_marker(&pods_dir::marker_name(7)), Some(7));
+        // Another agent's (another pid or start), or one made by hand: not this agent's.
+        let other = format!("{}1-2-7", pods_dir::MARKER_PREFIX);
+        assert!(pods_dir::is_marker(&other));
+        assert_eq!(pods_dir::own_marker(&other), None);
+        assert_eq!(pods_dir::own_marker("pod.yaml"), None);
+    }
 
     #[test]
     fn reads_are_not_changes() {

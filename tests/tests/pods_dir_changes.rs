@@ -59,10 +59,11 @@ fn a_manifest_moved_in_is_found_at_once() {
     // quiet period, when the set the agent holds does not have the pod yet.
     for i in 0..5 {
         let name = format!("fresh{i}");
+        // Everything but the rename first, so that nothing but the ADD follows it.
+        let ns = Netns::new("f").expect("netns");
         let tmp = lab.dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, pod_manifest("default", &name, true, &[]).to_string()).expect("write");
         std::fs::rename(&tmp, lab.dir.join("pods").join(format!("{name}.json"))).expect("mv");
-        let ns = Netns::new("f").expect("netns");
         let out = add(&lab, &ns, &name);
         assert!(out.ok, "{name}: {out:?}");
         assert!(redirected(&ns), "{name}: a mesh pod started unredirected");
@@ -113,4 +114,55 @@ fn a_manifest_being_written_is_unknown_until_closed() {
     let out = add(&lab, &ns, "slow");
     assert!(out.ok, "{out:?}");
     assert!(redirected(&ns), "the pod was read without its proxy");
+}
+
+#[test]
+fn a_linked_manifest_is_read_at_once_and_blocks_nothing() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(false, json!({})).expect("lab");
+    // `ln` makes a file no write ever closes: it is whole from the start, and must not count
+    // as being written (which would hold every look-up of the node as unknown).
+    let elsewhere = lab.dir.join("linked.json");
+    std::fs::write(
+        &elsewhere,
+        pod_manifest("default", "linked", true, &[]).to_string(),
+    )
+    .expect("write");
+    let ns = Netns::new("l").expect("netns");
+    std::os::unix::fs::symlink(&elsewhere, lab.dir.join("pods/linked.json")).expect("ln -s");
+    let out = add(&lab, &ns, "linked");
+    assert!(out.ok, "{out:?}");
+    assert!(redirected(&ns));
+    std::fs::hard_link(&elsewhere, lab.dir.join("pods/hard.json")).expect("ln");
+    let answer = look_up(&lab, "nobody");
+    assert_eq!(answer["status"], "notFound", "{answer}");
+}
+
+#[test]
+fn a_replaced_directory_fails_closed_saying_so() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(false, json!({})).expect("lab");
+    let pods = lab.dir.join("pods");
+    std::fs::remove_dir_all(&pods).expect("rm -r");
+    std::fs::create_dir(&pods).expect("mkdir");
+    std::fs::write(
+        pods.join("web.json"),
+        pod_manifest("default", "web", true, &[]).to_string(),
+    )
+    .expect("write");
+    // The agent watches a directory that is gone: no answer from it is current any more.
+    let answer = look_up(&lab, "web");
+    assert_eq!(answer["status"], "notReady", "{answer}");
+    let why = answer["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("removed or replaced") && why.contains("restart"),
+        "{answer}"
+    );
+    let ns = Netns::new("r").expect("netns");
+    let out = add(&lab, &ns, "web");
+    assert!(!out.ok, "{out:?}");
 }
