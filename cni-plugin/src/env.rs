@@ -1,7 +1,7 @@
 //! The CNI environment (`CNI_COMMAND`, `CNI_CONTAINERID`, ...), validated up front.
 
 use crate::error::{PluginError, Result};
-use podwire_core::cni::parse_cni_args;
+use podwire_core::cni::{conflicting_pod_key, parse_cni_args};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -101,13 +101,20 @@ impl CniEnv {
                 reason: "is required for ADD and CHECK but not set".into(),
             });
         }
-        let args =
-            parse_cni_args(&var("CNI_ARGS", &get).unwrap_or_default()).map_err(|reason| {
-                PluginError::InvalidEnv {
+        let raw_args = var("CNI_ARGS", &get).unwrap_or_default();
+        let args = parse_cni_args(&raw_args).map_err(|reason| PluginError::InvalidEnv {
+            var: "CNI_ARGS",
+            reason,
+        })?;
+        // DEL tears down what ADD recorded whatever the arguments say: never refused for them.
+        if command != Command::Del {
+            if let Some(reason) = conflicting_pod_key(&raw_args) {
+                return Err(PluginError::InvalidEnv {
                     var: "CNI_ARGS",
                     reason,
-                }
-            })?;
+                });
+            }
+        }
         if let Some(name) = args.get("K8S_POD_NAME").filter(|n| !n.is_empty()) {
             let namespace = args
                 .get("K8S_POD_NAMESPACE")
@@ -235,6 +242,21 @@ mod tests {
                 Err(PluginError::InvalidEnv { var: v, .. }) => assert_eq!(v, var),
                 other => panic!("{pairs:?}: expected InvalidEnv({var}), got {other:?}"),
             }
+        }
+        // DEL is never refused for its arguments, and keys other than K8S_POD_* may repeat.
+        for (command, args) in [
+            ("DEL", "K8S_POD_NAME=web;K8S_POD_NAME=plain"),
+            ("ADD", "IgnoreUnknown=1;IgnoreUnknown=true;K8S_POD_NAME=web"),
+            ("ADD", "K8S_POD_NAME=web;K8S_POD_NAME=web"),
+        ] {
+            let pairs = [
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "a"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/x"),
+                ("CNI_ARGS", args),
+            ];
+            assert!(env(&pairs).is_ok(), "{pairs:?}");
         }
     }
 }

@@ -69,21 +69,36 @@ pub fn version_supported(v: &str) -> bool {
 }
 
 /// `CNI_ARGS`: `K1=V1;K2=V2`. Returns the pairs, or the offending item.
-/// `Err` says what is wrong: an item that is not KEY=VALUE, or a key given twice (which of
-/// two pod names is meant cannot be guessed).
+/// `Err` says what is wrong: an item that is not KEY=VALUE. A key given twice keeps its last
+/// value, as libcni's parser does (see [`conflicting_pod_key`]).
 pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for item in s.split(';').filter(|i| !i.is_empty()) {
         match item.split_once('=') {
             Some((k, v)) if !k.is_empty() => {
-                if out.insert(k.to_string(), v.to_string()).is_some() {
-                    return Err(format!("{k} is given twice"));
-                }
+                out.insert(k.to_string(), v.to_string());
             }
             _ => return Err(format!("item {item:?} is not KEY=VALUE")),
         }
     }
     Ok(out)
+}
+
+/// A `K8S_POD_*` key given twice with different values: which pod is meant cannot be told.
+/// (Other keys may repeat, e.g. a runtime's `IgnoreUnknown` beside a user's.)
+pub fn conflicting_pod_key(s: &str) -> Option<String> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (k, v) in s.split(';').filter_map(|i| i.split_once('=')) {
+        if !k.starts_with("K8S_POD_") {
+            continue;
+        }
+        if let Some(before) = seen.insert(k, v) {
+            if before != v {
+                return Some(format!("{k} is given twice, as {before:?} and {v:?}"));
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -100,8 +115,13 @@ mod tests {
             Err("item \"K8S_POD_NAME\" is not KEY=VALUE".into())
         );
         assert_eq!(
-            parse_cni_args("K8S_POD_NAME=a;K8S_POD_NAME=b"),
-            Err("K8S_POD_NAME is given twice".into())
+            conflicting_pod_key("K8S_POD_NAME=a;K8S_POD_NAME=b"),
+            Some("K8S_POD_NAME is given twice, as \"a\" and \"b\"".into())
+        );
+        assert_eq!(conflicting_pod_key("K8S_POD_NAME=a;K8S_POD_NAME=a"), None);
+        assert_eq!(
+            conflicting_pod_key("IgnoreUnknown=1;IgnoreUnknown=true"),
+            None
         );
         assert_eq!(parse_cni_args("").expect("empty ok").len(), 0);
     }

@@ -169,7 +169,7 @@ pub fn is_marker(name: &str) -> bool {
     name.starts_with(MARKER_PREFIX)
 }
 
-/// A file written to but never closed (a hard link made, a writer that hung) counts as being
+/// A file written to but never closed (a writer that hung) counts as being
 /// written for this long after its last write, then is read as it is.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -277,7 +277,7 @@ impl InjectorConfig {
         if let Some(sel) = &self.namespace_selector {
             sel.validate("namespaceSelector")?;
         }
-        for k in self.injected_annotations.keys() {
+        for (k, v) in &self.injected_annotations {
             if k.is_empty() || k.len() > 316 || k.chars().any(|c| c.is_whitespace()) {
                 return Err(err(
                     "injectedAnnotations".into(),
@@ -290,15 +290,16 @@ impl InjectorConfig {
                     format!("{k} is written by the injector itself"),
                 ));
             }
-            // Written over every injected pod's own, these would switch podwire-cni off for
-            // all of them, with no per-pod warning (the mode belongs in the mesh's
+            // Written over every injected pod's own, these values would switch podwire-cni
+            // off for all of them, with no per-pod warning (the mode belongs in the mesh's
             // defaultConfig.interceptionMode, which the render reports).
-            if k == profile.inject_key || k == profile.interception_mode_key {
+            let switches_off = (k == profile.inject_key && v == "false")
+                || (k == profile.interception_mode_key && v != "REDIRECT");
+            if switches_off {
                 return Err(err(
                     "injectedAnnotations".into(),
                     format!(
-                        "{k} decides whether podwire-cni redirects the pod; set on every \
-                         injected pod it would leave them all unredirected"
+                        "{k}: {v:?} would leave every injected pod unredirected by podwire-cni"
                     ),
                 ));
             }
@@ -483,6 +484,14 @@ mod tests {
                 "injectedAnnotations",
             ),
         ];
+        // Values that leave the plugin on are no reason to refuse a config.
+        for ok in [
+            serde_json::json!({"injectedAnnotations": {"sidecar.istio.io/inject": "true"}}),
+            serde_json::json!({"injectedAnnotations": {"sidecar.istio.io/interceptionMode": "REDIRECT"}}),
+        ] {
+            let cfg: InjectorConfig = serde_json::from_value(ok.clone()).expect("shape");
+            assert!(cfg.validate(&p).is_ok(), "{ok}");
+        }
         for (v, field) in cases {
             let cfg: InjectorConfig = serde_json::from_value(v).expect("shape");
             match cfg.validate(&p) {

@@ -603,6 +603,8 @@ pub struct Rendered {
     pub spec: Vec<(&'static str, Json)>,
     pub warnings: Vec<String>,
     pub native: bool,
+    /// Which of Istio's templates rendered it.
+    pub template: Template,
 }
 
 impl Rendered {
@@ -2270,6 +2272,7 @@ pub fn render(
         spec: spec_fields,
         warnings,
         native,
+        template,
     })
 }
 

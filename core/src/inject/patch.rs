@@ -286,7 +286,7 @@ pub fn render_pod(
                 ),
             });
         }
-        if redirected_template(pod) {
+        if rendered.template.redirected() {
             let ids = Identities::of_pod(pod);
             // The proxy's own uid, as the plugin's parser read it above.
             let own_uid = view
@@ -301,15 +301,6 @@ pub fn render_pod(
         }
     }
     Ok(rendered)
-}
-
-/// Whether the pod's template is one podwire-cni redirects (the sidecar, not a gateway or
-/// proxyless gRPC).
-fn redirected_template(pod: &Value) -> bool {
-    istio::member_at(pod, &["metadata", "annotations", istio::TEMPLATES])
-        .and_then(Value::as_str)
-        .and_then(|t| istio::Template::parse(t).ok())
-        .is_none_or(|t| t.redirected())
 }
 
 /// The pod-level `runAsUser` / `runAsGroup`, which a container without its own runs as.
