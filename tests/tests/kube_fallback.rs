@@ -105,31 +105,35 @@ fn pods_are_found_through_the_api_server_when_the_agent_is_down() {
             .expect("save")
             .contains("ISTIO_"));
     }
-    // A path the server does not serve at all (a wrong server URL): its 404 names no pod.
-    let mut text = std::fs::read_to_string(&kubeconfig).expect("read");
-    text = text.replace(&api.url, &format!("{}/wrong-prefix", api.url));
-    let wrong = dir.path().join("wrong.kubeconfig");
-    std::fs::write(&wrong, text).expect("write");
-    let out = add(&other, "nothere", &wrong, dir.path());
-    let err: Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
-    assert_eq!(err["code"], 11, "{err}");
-    assert!(
-        err["msg"].as_str().is_some_and(|m| m.contains("HTTP 404")),
-        "{err}"
-    );
-    // And plain HTTP is refused before anything is sent.
-    let text = std::fs::read_to_string(&kubeconfig)
-        .expect("read")
-        .replace("https://", "http://");
-    let plain = dir.path().join("plain.kubeconfig");
-    std::fs::write(&plain, text).expect("write");
-    let out = add(&other, "web", &plain, dir.path());
-    let err: Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
-    assert_eq!(err["code"], 11, "{err}");
-    assert!(
-        err["msg"].as_str().is_some_and(|m| m.contains("not https")),
-        "{err}"
-    );
+    // A kubeconfig edited one way: a path the server does not serve at all (a wrong server
+    // URL, whose 404 names no pod), and plain HTTP (refused before anything is sent).
+    for (what, from, to, want) in [
+        (
+            "wrong path",
+            api.url.clone(),
+            format!("{}/wrong-prefix", api.url),
+            "HTTP 404",
+        ),
+        (
+            "plain http",
+            "https://".to_string(),
+            "http://".to_string(),
+            "not https",
+        ),
+    ] {
+        let text = std::fs::read_to_string(&kubeconfig)
+            .expect("read")
+            .replace(&from, &to);
+        let edited = dir.path().join("edited.kubeconfig");
+        std::fs::write(&edited, text).expect("write");
+        let out = add(&other, "nothere", &edited, dir.path());
+        let err: Value = serde_json::from_str(out.stdout.trim()).expect("error JSON");
+        assert_eq!(err["code"], 11, "{what}: {err}");
+        assert!(
+            err["msg"].as_str().is_some_and(|m| m.contains(want)),
+            "{what}: {err}"
+        );
+    }
 
     // Issue 9, item 1: the API server has shop/web with another UID than the runtime's (the
     // pod was re-created): unknown, so failurePolicy closed fails with 11 and the runtime retries.
