@@ -68,9 +68,9 @@ pub fn version_supported(v: &str) -> bool {
     SUPPORTED_VERSIONS.contains(&v)
 }
 
-/// `CNI_ARGS`: `K1=V1;K2=V2`. Returns the pairs, or the offending item.
-/// `Err` says what is wrong: an item that is not KEY=VALUE. A key given twice keeps its last
-/// value, as libcni's parser does (see [`conflicting_pod_key`]).
+/// `CNI_ARGS`: `K1=V1;K2=V2`. Returns the pairs, or what is wrong (an item that is not
+/// KEY=VALUE). A key given twice keeps its last value, as libcni's parser does (see
+/// [`conflicting_pod_key`]).
 pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for item in s.split(';').filter(|i| !i.is_empty()) {

@@ -305,12 +305,7 @@ impl InjectorConfig {
             }
         }
         let name = self.proxy_name(profile);
-        if !is_dns_label(name) {
-            return Err(err(
-                "proxy.name".into(),
-                format!("{name:?} is not a container name (DNS label: a-z 0-9 -, at most 63)"),
-            ));
-        }
+        // The only name the plugin recognises (a valid container name, too).
         if name != profile.proxy_container {
             return Err(err(
                 "proxy.name".into(),
@@ -398,16 +393,6 @@ impl InjectorConfig {
             })
             .collect()
     }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
 }
 
 #[cfg(test)]

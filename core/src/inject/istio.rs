@@ -310,9 +310,8 @@ impl Reader<'_> {
     }
 }
 
-/// Drop nulls inside a mapping (Helm's `omitNil`), recursively.
-/// `v` without null members at any depth: a null reads as absent, as Go's typed decode of the
-/// same JSON has it (an unset pointer or omitempty field).
+/// `v` without null members at any depth (Helm's `omitNil`): a null reads as absent, as Go's
+/// typed decode of the same JSON has it (an unset pointer or omitempty field).
 fn omit_nil(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(

@@ -228,7 +228,7 @@ pub fn render_pod(
         }
     };
     let (settings, overrides) = (&inputs.settings, &inputs.overrides);
-    let rendered = istio::render(
+    let mut rendered = istio::render(
         pod,
         workload,
         settings,
@@ -269,11 +269,11 @@ pub fn render_pod(
         view.spec.containers.push(c);
     }
     let redirect = RedirectSpec::from_pod(&view, profile)?;
-    let mut rendered = rendered;
-    if let Some(proxy) = rendered.proxy(&overrides.name) {
+    // The proxy as the plugin's parser read it above.
+    if let Some(proxy) = view.spec.containers.first() {
         // The native layout's proxy must be a sidecar: as a plain init container (the pod's
         // own istio-proxy overriding restartPolicy) it never exits and the pod never starts.
-        let policy = proxy.str_member("restartPolicy");
+        let policy = proxy.restart_policy.as_deref();
         if rendered.native && policy != Some("Always") {
             return Err(Error::InvalidPod {
                 reason: format!(
@@ -288,13 +288,7 @@ pub fn render_pod(
         }
         if rendered.template.redirected() {
             let ids = Identities::of_pod(pod);
-            // The proxy's own uid, as the plugin's parser read it above.
-            let own_uid = view
-                .spec
-                .containers
-                .first()
-                .and_then(|c| c.security_context.as_ref())
-                .and_then(|s| s.run_as_user);
+            let own_uid = proxy.security_context.as_ref().and_then(|s| s.run_as_user);
             check_proxy_uid(own_uid, &ids, &redirect, &overrides.name)?;
             let w = app_id_warnings(pod, &ids, &redirect, &overrides.name);
             rendered.warnings.extend(w);
