@@ -123,17 +123,20 @@ pub fn review_resolving(
             dry_run,
         )
     };
+    // A request that cannot be read is denied as a bad request, naming what is wrong.
+    let malformed = |msg: String| {
+        finish(
+            deny(req.uid.clone(), 400, "BadRequest", &msg, Vec::new()),
+            Outcome::Malformed,
+            None,
+            format!("{}: {msg}", who()),
+            dry_run,
+        )
+    };
     // The API server always names the kind: a request without one is malformed, not "some
     // other kind" to let through unchanged.
     if req.kind.kind.is_empty() {
-        let message = "request.kind is missing: cannot tell what is being admitted".to_string();
-        return finish(
-            deny(req.uid.clone(), 400, "BadRequest", &message, Vec::new()),
-            Outcome::Malformed,
-            None,
-            message,
-            dry_run,
-        );
+        return malformed("request.kind is missing: cannot tell what is being admitted".into());
     }
     if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         let msg = format!(
@@ -155,16 +158,6 @@ pub fn review_resolving(
             format!("{}: operation {} ignored", who(), req.operation),
         );
     }
-    // A pod that cannot be read is denied as a bad request, naming what is wrong.
-    let malformed = |msg: String| {
-        finish(
-            deny(req.uid.clone(), 400, "BadRequest", &msg, Vec::new()),
-            Outcome::Malformed,
-            None,
-            format!("{}: {msg}", who()),
-            dry_run,
-        )
-    };
     let Some(object) = req.object.as_ref() else {
         return malformed("request.object is missing: no pod to inject".to_string());
     };
@@ -183,12 +176,7 @@ pub fn review_resolving(
             ));
         }
     }
-    let namespace_labels = labels_of(ns.unwrap_or_else(|| {
-        object
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-    }));
+    let namespace_labels = labels_of(ns.or(own_ns).unwrap_or(""));
     let plan = match plan(object, ns, namespace_labels.as_ref(), cfg, profile) {
         Ok(p) => p,
         Err(e) => return malformed(e.to_string()),
