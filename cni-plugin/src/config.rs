@@ -165,7 +165,6 @@ impl NetConf {
                 reason: format!("{v:?} is not a log level"),
             })?,
         };
-        let prev_result = f.get("prevResult").filter(|r| r.get() != "null").cloned();
         Ok(NetConf {
             cni_version,
             name,
@@ -178,45 +177,40 @@ impl NetConf {
             log_level,
             log_file: path(&f, keys::LOG_FILE)?,
             state_dir: path(&f, keys::STATE_DIR)?.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            prev_result,
+            prev_result: f.get("prevResult").filter(|r| r.get() != "null").cloned(),
         })
     }
 
     /// Whether the previous result holds an IPv6 address (then IPv6 gets the same rules).
-    /// Checked by ADD and CHECK, which pass the result on; DEL does not need it.
+    /// Checked by ADD and CHECK, which pass the result on; DEL does not need it. A result that
+    /// does not read as one (not an object, an `ips` entry without an address) is refused: it
+    /// would be passed on as this plugin's result, and reading it as "no IPv6" would leave
+    /// IPv6 traffic unredirected.
     pub fn has_ipv6(&self) -> Result<bool> {
-        prev_ipv6(&self.prev_result)
-    }
-}
-
-/// Whether `prev` (the previous plugin's result) holds an IPv6 address. A result that does not
-/// read as one (not an object, an `ips` entry without an address) is refused: it would be
-/// passed on as this plugin's result, and reading it as "no IPv6" would leave IPv6 traffic
-/// unredirected.
-fn prev_ipv6(prev: &Option<Box<RawValue>>) -> Result<bool> {
-    #[derive(serde::Deserialize)]
-    struct Ip {
-        address: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Prev {
-        #[serde(default)]
-        ips: Option<Vec<Ip>>,
-    }
-    let Some(raw) = prev else {
-        return Ok(false);
-    };
-    let p: Prev = serde_json::from_str(raw.get()).map_err(|e| PluginError::InvalidConfig {
-        field: "prevResult",
-        reason: format!(
-            "expected the previous plugin's result (an object; each of its ips with an \
+        #[derive(serde::Deserialize)]
+        struct Ip {
+            address: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Prev {
+            #[serde(default)]
+            ips: Option<Vec<Ip>>,
+        }
+        let Some(raw) = &self.prev_result else {
+            return Ok(false);
+        };
+        let p: Prev = serde_json::from_str(raw.get()).map_err(|e| PluginError::InvalidConfig {
+            field: "prevResult",
+            reason: format!(
+                "expected the previous plugin's result (an object; each of its ips with an \
              address string): {e}"
-        ),
-    })?;
-    Ok(p.ips
-        .unwrap_or_default()
-        .iter()
-        .any(|ip| ip.address.contains(':')))
+            ),
+        })?;
+        Ok(p.ips
+            .unwrap_or_default()
+            .iter()
+            .any(|ip| ip.address.contains(':')))
+    }
 }
 
 #[cfg(test)]

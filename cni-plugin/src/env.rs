@@ -25,6 +25,16 @@ impl PodRef {
     pub fn display(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The look-up for this pod, as the agent is asked and as an answer is matched.
+    pub fn request(&self) -> podwire_core::lookup::LookupRequest {
+        podwire_core::lookup::LookupRequest {
+            v: podwire_core::lookup::PROTOCOL_VERSION,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

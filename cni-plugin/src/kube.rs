@@ -4,6 +4,7 @@
 use crate::env::PodRef;
 use crate::lookup::Lookup;
 use base64::Engine as _;
+use podwire_core::lookup::{self, PodMatch};
 use podwire_core::PodInfo;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -204,27 +205,18 @@ pub fn get_pod(kubeconfig: &Path, pod: &PodRef) -> Result<Lookup, String> {
         Ok(resp) => {
             let pod_info = the_pod(resp.into_reader().take_limited(), pod)
                 .map_err(|e| format!("GET {url}: {e}"))?;
-            // Another UID is another incarnation of the name (a re-created pod): whether the
-            // one being set up is a mesh pod is unknown, never "not found".
-            if !pod.uid.is_empty()
-                && !pod_info.metadata.uid.is_empty()
-                && pod_info.metadata.uid != pod.uid
-            {
-                return Err(format!(
-                    "GET {url}: the API server has UID {}, the runtime is setting up UID {}: \
-                     the pod was re-created (retry) or is gone",
-                    pod_info.metadata.uid, pod.uid
-                ));
+            // The agent's rule: another UID, or one being deleted when the runtime names
+            // none, is another incarnation of the name, so the answer is unknown.
+            let req = pod.request();
+            match lookup::pod_match(&pod_info, &req) {
+                PodMatch::Same => Ok(Lookup::Found(Box::new(pod_info))),
+                PodMatch::OtherUid { held } => Err(format!(
+                    "GET {url}: {}",
+                    lookup::other_uid_reason(&req, &held, "the API server")
+                )),
+                // the_pod checked the name and namespace.
+                PodMatch::Different => Err(format!("GET {url}: the answer is another pod")),
             }
-            // No UID from the runtime and the pod is going away: what is set up may be its
-            // re-created successor.
-            if pod.uid.is_empty() && pod_info.metadata.deletion_timestamp.is_some() {
-                return Err(format!(
-                    "GET {url}: the pod is being deleted and the runtime does not say which UID \
-                     it is setting up: it may be a re-created pod of the same name (retry)"
-                ));
-            }
-            Ok(Lookup::Found(Box::new(pod_info)))
         }
         // Only the API server's own "no such pod" (a Status, reason NotFound) is one: any 404
         // (a proxy's page, a wrong server path) is not.

@@ -2,9 +2,7 @@
 //! Synchronous std I/O with short timeouts: no async runtime on the ADD path.
 
 use crate::env::PodRef;
-use podwire_core::lookup::{
-    LookupRequest, LookupResponse, LookupStatus, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
-};
+use podwire_core::lookup::{LookupResponse, LookupStatus, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use podwire_core::PodInfo;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -51,13 +49,8 @@ pub fn ask_agent(socket: &Path, pod: &PodRef) -> Result<Lookup, String> {
         .set_read_timeout(Some(TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
         .map_err(|e| format!("agent socket: {e}"))?;
-    let req = LookupRequest {
-        v: PROTOCOL_VERSION,
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        uid: pod.uid.clone(),
-    };
-    let mut line = serde_json::to_vec(&req).map_err(|e| format!("encoding request: {e}"))?;
+    let mut line =
+        serde_json::to_vec(&pod.request()).map_err(|e| format!("encoding request: {e}"))?;
     line.push(b'\n');
     stream
         .write_all(&line)

@@ -8,7 +8,9 @@ use crate::lookup::{ask_agent, Lookup};
 use crate::netns::in_netns;
 use crate::record::{self, AttachmentLock, Record};
 use podwire_core::cni::{CNI_VERSION, SUPPORTED_VERSIONS};
-use podwire_core::mesh::{mesh_decision, namespace_excluded, proxy_left_alone, MeshDecision};
+use podwire_core::mesh::{
+    mesh_decision, namespace_excluded, pass_through_is_surprising, MeshDecision,
+};
 use podwire_core::render::{render, Rule, RuleSet};
 use podwire_core::{Family, MeshProfile, PodInfo, RedirectSpec};
 use std::path::Path;
@@ -102,17 +104,7 @@ fn resolve(conf: &NetConf, pod_ref: &PodRef) -> Result<Option<PodInfo>> {
     match mesh_decision(&pod, &profile, &conf.exclude_namespaces) {
         MeshDecision::Redirect => Ok(Some(pod)),
         MeshDecision::PassThrough(reason) => {
-            // An injected pod (proxy and status annotation) left alone is worth an operator's
-            // look, unless it is so by design (a gateway, proxyless gRPC, TPROXY or NONE);
-            // any other pod is the everyday case.
-            let proxy = pod.container(profile.proxy_container);
-            let by_design = proxy.is_some_and(|p| proxy_left_alone(p, &profile).is_some())
-                || matches!(
-                    pod.annotation(profile.interception_mode_key),
-                    Some("TPROXY" | "NONE")
-                );
-            let injected = proxy.is_some() && pod.annotation(profile.status_key).is_some();
-            if injected && !by_design {
+            if pass_through_is_surprising(&pod, &profile) {
                 warn!(pod = %pod_ref.display(), "injected pod starting WITHOUT redirection: {reason}");
             } else {
                 info!(pod = %pod_ref.display(), "{reason}");

@@ -90,24 +90,27 @@ pub fn pod_match(pod: &PodInfo, req: &LookupRequest) -> PodMatch {
 /// (`notReady`, so a v1 plugin fails closed and the runtime retries), saying why. `source`
 /// names who holds the other UID ("the pod directory", "the API server").
 pub fn other_uid(req: &LookupRequest, held: &str, source: &str) -> LookupStatus {
-    if req.uid.is_empty() {
-        return LookupStatus::NotReady {
-            message: format!(
-                "{source} holds pod {}/{} (UID {held}) being deleted, and the runtime does not \
-                 say which UID it is setting up: it may be a re-created pod of the same name \
-                 (retry once the old pod is gone)",
-                req.namespace, req.name
-            ),
-        };
-    }
     LookupStatus::NotReady {
-        message: format!(
-            "{source} holds pod {}/{} with UID {held}, but the runtime is setting up UID {}: \
-             the source has not caught up with a re-created pod yet (retry), or the runtime \
-             is setting up a pod that no longer exists",
-            req.namespace, req.name, req.uid
-        ),
+        message: other_uid_reason(req, held, source),
     }
+}
+
+/// Why [`other_uid`] cannot answer, for whoever reports it (the agent, the plugin's own GET).
+pub fn other_uid_reason(req: &LookupRequest, held: &str, source: &str) -> String {
+    if req.uid.is_empty() {
+        return format!(
+            "{source} holds pod {}/{} (UID {held}) being deleted, and the runtime does not say \
+             which UID it is setting up: it may be a re-created pod of the same name (retry \
+             once the old pod is gone)",
+            req.namespace, req.name
+        );
+    }
+    format!(
+        "{source} holds pod {}/{} with UID {held}, but the runtime is setting up UID {}: the \
+         source has not caught up with a re-created pod yet (retry), or the runtime is setting \
+         up a pod that no longer exists",
+        req.namespace, req.name, req.uid
+    )
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
     match pod.annotation(profile.interception_mode_key) {
         None | Some("REDIRECT") => MeshDecision::Redirect,
         // Modes the mesh knows and podwire does not program: the mesh's own business.
-        Some(other @ ("TPROXY" | "NONE")) => MeshDecision::PassThrough(format!(
+        Some(other) if MESH_MODES.contains(&other) => MeshDecision::PassThrough(format!(
             "pass-through: {}={other:?}; podwire only programs REDIRECT",
             profile.interception_mode_key
         )),
@@ -124,6 +124,23 @@ pub fn mesh_decision(pod: &PodInfo, profile: &MeshProfile, excluded: &[String]) 
                 .to_string(),
         }),
     }
+}
+
+/// Interception modes the mesh knows and podwire-cni leaves to it.
+const MESH_MODES: [&str; 2] = ["TPROXY", "NONE"];
+
+/// Whether passing `pod` through deserves an operator's look: it is injected (the proxy and
+/// the status annotation) and not left alone by design (a gateway or proxyless proxy, a mode
+/// the mesh handles itself).
+pub fn pass_through_is_surprising(pod: &PodInfo, profile: &MeshProfile) -> bool {
+    let Some(proxy) = pod.container(profile.proxy_container) else {
+        return false;
+    };
+    let by_design = proxy_left_alone(proxy, profile).is_some()
+        || pod
+            .annotation(profile.interception_mode_key)
+            .is_some_and(|m| MESH_MODES.contains(&m));
+    pod.annotation(profile.status_key).is_some() && !by_design
 }
 
 #[cfg(test)]
@@ -178,6 +195,30 @@ mod tests {
             let d = mesh_decision(&pod, &MeshProfile::istio(), &excluded());
             assert!(matches!(d, MeshDecision::PassThrough(_)), "{mode}: {d:?}");
         }
+    }
+
+    #[test]
+    fn only_an_injected_pod_left_alone_not_by_design_is_surprising() {
+        let p = MeshProfile::istio();
+        let with = |k: &str, v: &str| {
+            let mut pod = mesh_pod();
+            pod.metadata.annotations.insert(k.into(), v.into());
+            pod
+        };
+        assert!(pass_through_is_surprising(
+            &with("sidecar.istio.io/inject", "false"),
+            &p
+        ));
+        for mode in ["TPROXY", "NONE"] {
+            let pod = with("sidecar.istio.io/interceptionMode", mode);
+            assert!(!pass_through_is_surprising(&pod, &p), "{mode}");
+        }
+        let mut gateway = mesh_pod();
+        gateway.spec.containers[1].args = vec!["proxy".into(), "router".into()];
+        assert!(!pass_through_is_surprising(&gateway, &p));
+        let mut not_injected = mesh_pod();
+        not_injected.metadata.annotations.clear();
+        assert!(!pass_through_is_surprising(&not_injected, &p));
     }
 
     #[test]
