@@ -71,13 +71,7 @@ impl DirWatch {
                         if reload {
                             // Counted before the reload is asked for: a look-up from now on
                             // waits for a set read after this change.
-                            let written: Vec<(&Path, bool)> = written(&event)
-                                .into_iter()
-                                .filter_map(|(i, open)| {
-                                    event.paths.get(i).map(|p| (p.as_path(), open))
-                                })
-                                .collect();
-                            seen.note_change(&written);
+                            seen.note_change(&written(&event));
                         }
                         reload
                     }
@@ -114,19 +108,19 @@ impl DirWatch {
     }
 }
 
+/// The name of the (first) file an event is about.
+fn file_name(event: &notify::Event) -> Option<&str> {
+    event.paths.first()?.file_name()?.to_str()
+}
+
 /// Whether an event is about a look-up sync marker (any agent's).
 fn is_marker_event(event: &notify::Event) -> bool {
-    event
-        .paths
-        .first()
-        .and_then(|p| p.file_name())
-        .and_then(|n| n.to_str())
-        .is_some_and(pods_dir::is_marker)
+    file_name(event).is_some_and(pods_dir::is_marker)
 }
 
 /// The number of this agent's sync marker an event is about, if it is about one.
 fn own_marker_event(event: &notify::Event) -> Option<u64> {
-    pods_dir::own_marker(event.paths.first()?.file_name()?.to_str()?)
+    pods_dir::own_marker(file_name(event)?)
 }
 
 /// Whether the event says the watched directory itself went away.
@@ -138,22 +132,21 @@ fn root_gone(event: &notify::Event, root: &Path) -> bool {
     ) && event.paths.first().is_some_and(|p| p == root)
 }
 
-/// What an event says about files being written, by index into its paths: written to (`true`:
-/// it may be half-written until closed), or closed after writing, removed, moved away, or
-/// replaced whole by a rename (`false`). Creating a file writes nothing yet (and a link made
-/// with `ln` is never closed after writing): only a write marks it.
-fn written(event: &notify::Event) -> Vec<(usize, bool)> {
-    use notify::event::{ModifyKind, RenameMode};
-    match event.kind {
-        EventKind::Modify(ModifyKind::Data(_)) => vec![(0, true)],
+/// What an event says about files being written: written to (`true`: it may be half-written
+/// until closed), or closed after writing, removed, moved away, or replaced whole by a rename
+/// (`false`). Creating a file writes nothing yet (and a link made with `ln` is never closed
+/// after writing): only a write marks it.
+fn written(event: &notify::Event) -> Vec<(&Path, bool)> {
+    use notify::event::ModifyKind;
+    let open = match event.kind {
+        EventKind::Modify(ModifyKind::Data(_)) => true,
         EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Remove(_)
-        | EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::To)) => {
-            vec![(0, false)]
-        }
-        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => vec![(0, false), (1, false)],
-        _ => Vec::new(),
-    }
+        | EventKind::Modify(ModifyKind::Name(_)) => false,
+        _ => return Vec::new(),
+    };
+    // A rename names both ends; each is whole now.
+    event.paths.iter().map(|p| (p.as_path(), open)).collect()
 }
 
 /// Opening and reading a file is no change (and the reload itself opens every file);
@@ -235,13 +228,19 @@ mod tests {
             paths: paths.iter().map(PathBuf::from).collect(),
             attrs: Default::default(),
         };
-        let w = |kind, paths: &[&str]| written(&event(kind, paths));
+        let w = |kind, paths: &[&str]| -> Vec<(PathBuf, bool)> {
+            written(&event(kind, paths))
+                .into_iter()
+                .map(|(p, open)| (p.to_path_buf(), open))
+                .collect()
+        };
+        let at = |p: &str, open: bool| (PathBuf::from(p), open);
         assert_eq!(
             w(
                 EventKind::Modify(ModifyKind::Data(DataChange::Any)),
                 &["/d/a.yaml"]
             ),
-            [(0, true)]
+            [at("/d/a.yaml", true)]
         );
         // A file created (or linked) holds nothing half-written yet.
         assert!(w(EventKind::Create(CreateKind::File), &["/d/a.yaml"]).is_empty());
@@ -250,7 +249,7 @@ mod tests {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)),
                 &["/d/a.yaml"]
             ),
-            [(0, false)]
+            [at("/d/a.yaml", false)]
         );
         // A rename replaces the target whole: neither end is being written.
         assert_eq!(
@@ -258,14 +257,14 @@ mod tests {
                 EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
                 &["/d/.a.tmp", "/d/a.yaml"]
             ),
-            [(0, false), (1, false)]
+            [at("/d/.a.tmp", false), at("/d/a.yaml", false)]
         );
         assert_eq!(
             w(
                 EventKind::Modify(ModifyKind::Name(RenameMode::To)),
                 &["/d/a.yaml"]
             ),
-            [(0, false)]
+            [at("/d/a.yaml", false)]
         );
         // The watched directory itself going away is not a change to it.
         let root = Path::new("/d");
